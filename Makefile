@@ -1,0 +1,46 @@
+# Everything a fresh machine needs: only Python 3.10+ and make.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MODELS := .cache/models
+MODEL  := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
+SPM    := $(MODELS)/tokenizer.model.v1
+PROMPT ?= What is the capital of France?
+
+.PHONY: venv model run test bench reference clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(MODEL): | $(VENV)/.installed
+	$(PY) -m llamacpu.fetch smollm2 $(MODELS)
+
+$(SPM): | $(VENV)/.installed
+	$(PY) -m llamacpu.fetch mistral-spm $(MODELS)
+
+model: $(MODEL) $(SPM)
+
+run: venv model
+	$(VENV)/bin/llamacpu run $(MODEL) "$(PROMPT)" --max-tokens 64 --temperature 0
+
+test: venv model
+	$(PY) -m pytest -q
+
+# Peers for benchmarks and reference generation (llama-cpp-python compiles for ~15 minutes once).
+$(VENV)/.peers: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,reference,bench]'
+	touch $@
+
+bench: venv model $(VENV)/.peers
+	$(PY) tools/bench_peers.py --model $(MODEL)
+
+reference: venv model $(VENV)/.peers
+	$(PY) tools/make_reference.py
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,106 @@
+"""A loaded checkpoint in llamacpu's own tensor names, and the table of shapes it must have.
+
+Loaders (`loaders/gguf.py`, `loaders/hf.py`) are the only modules that know foreign names;
+they translate into the names below and are checked against `expected_shapes`.
+
+RoPE convention. llamacpu rotates *adjacent pairs* (x[2i], x[2i+1]) of each head, as
+llama.cpp's `llama` architecture does, so GGUF tensors are used as stored. Hugging Face
+checkpoints rotate *halves* (x[i] with x[i + head_dim/2]); `loaders/hf.py` reorders the
+rows of wq and wk within each head, [first half | second half] → interleaved, which is
+exactly what llama.cpp's converter does. The GGUF writer therefore writes rows unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .errors import LlamacpuError
+from .quant import QTensor
+
+# Per-layer tensors, with shapes as functions of the config: y = W @ x has len(y) = rows.
+LAYER_TENSORS = {
+    "attn_norm": lambda c: (c.hidden_size,),
+    "wq": lambda c: (c.q_dim, c.hidden_size),
+    "wk": lambda c: (c.kv_dim, c.hidden_size),
+    "wv": lambda c: (c.kv_dim, c.hidden_size),
+    "wo": lambda c: (c.hidden_size, c.q_dim),
+    "mlp_norm": lambda c: (c.hidden_size,),
+    "w_gate": lambda c: (c.intermediate_size, c.hidden_size),
+    "w_up": lambda c: (c.intermediate_size, c.hidden_size),
+    "w_down": lambda c: (c.hidden_size, c.intermediate_size),
+}
+
+
+def expected_shapes(c: ModelConfig, *, with_rope_freqs: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of config `c` has, by llamacpu name."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed": (c.vocab_size, c.hidden_size),
+        "norm": (c.hidden_size,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["output"] = (c.vocab_size, c.hidden_size)
+    if with_rope_freqs:
+        shapes["rope_freqs"] = (c.head_dim // 2,)
+    for i in range(c.num_hidden_layers):
+        for name, shape in LAYER_TENSORS.items():
+            shapes[f"layers.{i}.{name}"] = shape(c)
+    return shapes
+
+
+def check_tensors(c: ModelConfig, tensors: dict[str, Any], shape_of, source: str) -> None:
+    """Fail, naming the tensor, on any missing, unexpected or wrongly shaped tensor."""
+    expected = expected_shapes(c, with_rope_freqs="rope_freqs" in tensors)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise LlamacpuError(f"{source}: missing tensor {missing[0]}" +
+                            (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [n for n in tensors if n not in expected]
+    if unexpected:
+        raise LlamacpuError(f"{source}: unexpected tensor {unexpected[0]}")
+    for name, shape in expected.items():
+        got = tuple(shape_of(tensors[name]))
+        if got != shape:
+            raise LlamacpuError(f"{source}: tensor {name} has shape {got}, expected {shape}")
+
+
+@dataclass
+class Checkpoint:
+    """Config, weights (by llamacpu name) and the raw metadata a tokenizer/template needs.
+
+    `meta` holds GGUF metadata (key → plain value) for GGUF sources; `hf_dir` is set for
+    Hugging Face folders, whose tokenizer and template files are read from there.
+    """
+
+    config: ModelConfig
+    tensors: dict[str, QTensor]
+    source: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    hf_dir: Path | None = None
+    notices: list[str] = field(default_factory=list)  # e.g. tensors transcoded at load
+
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+        if self.hf_dir is not None:
+            return Tokenizer.from_hf_dir(self.hf_dir)
+        return Tokenizer.from_gguf_metadata(self.meta)
+
+    def chat_template(self, tokenizer):
+        from .template import ChatTemplate
+        if self.hf_dir is not None:
+            return ChatTemplate.from_hf_dir(self.hf_dir, tokenizer)
+        return ChatTemplate.from_gguf_metadata(self.meta, tokenizer)
+
+
+def load_checkpoint(path: str | Path, *, dequantize: bool = False) -> Checkpoint:
+    """Open a GGUF file or a Hugging Face folder. `dequantize`: all weights as f32."""
+    path = Path(path)
+    if not path.exists():
+        raise LlamacpuError(f"no such file or folder: {path}")
+    if path.is_dir():
+        from .loaders.hf import load_hf
+        return load_hf(path, dequantize=dequantize)
+    from .loaders.gguf import load_gguf
+    return load_gguf(path, dequantize=dequantize)

@@ -1,0 +1,164 @@
+"""Read Hugging Face checkpoint folders: config.json plus one or many *.safetensors files.
+
+Weights may be bf16, f16 or f32; all come out as f32 QTensors (quantization is the
+caller's choice). Q and K rows are reordered from HF's rotate-half layout to llamacpu's
+adjacent-pair layout (see `checkpoint.py`).
+
+The safetensors header is read directly (8-byte length, then JSON) and tensors are
+mapped with numpy, because the `safetensors` numpy API has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, check_tensors
+from ..config import ModelConfig
+from ..errors import LlamacpuError
+from ..quant import QTensor
+
+# HF name → llamacpu name. `{i}` is the layer index.
+NAMES = {
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "norm",
+    "lm_head.weight": "output",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.wq",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.wk",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.wv",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.wo",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.w_gate",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.w_up",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.w_down",
+}
+# Buffers some exporters save that carry nothing we need.
+IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def to_llamacpu_name(hf_name: str) -> str | None:
+    m = _LAYER_NAME.match(hf_name)
+    if m:
+        ours = NAMES.get(f"model.layers.{{i}}.{m.group(2)}")
+        return ours.format(i=m.group(1)) if ours else None
+    return NAMES.get(hf_name)
+
+
+def rotate_half_to_pairs(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder rows of a Q or K projection (n_heads * head_dim, dim) so that, within each head,
+    row r of the first half goes to 2r and row r of the second half to 2r + 1."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, 2, half, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def pairs_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of `rotate_half_to_pairs`."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file: its header, and tensors as numpy views."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError("header length exceeds the file")
+                header = json.loads(f.read(n))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise LlamacpuError(f"{path}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.header = header
+        self.base = 8 + n
+        self.size = size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get_f32(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise LlamacpuError(f"{self.path}: tensor {name} has dtype {info['dtype']}; "
+                                f"expected one of {', '.join(DTYPES)}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = int(np.prod(shape))
+        if end - start != count * np.dtype(dtype).itemsize or self.base + end > self.size:
+            raise LlamacpuError(f"{self.path}: tensor {name} byte range does not match its shape (truncated?)")
+        raw = np.memmap(self.path, dtype=dtype, mode="r", offset=self.base + start, shape=shape)
+        if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(raw, dtype=np.float32)
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise LlamacpuError(f"{index}: unreadable index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise LlamacpuError(f"{index} names a missing shard {f.name}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LlamacpuError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+def read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise LlamacpuError(f"{folder}: no config.json; not a Hugging Face model folder")
+    try:
+        return json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise LlamacpuError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+def load_hf(folder: Path, *, dequantize: bool = True) -> Checkpoint:
+    """Load every weight of a HF folder as f32 QTensors, validated against config.json."""
+    folder = Path(folder)
+    config = ModelConfig.from_hf(read_config(folder))
+    where: dict[str, tuple[SafetensorsFile, str]] = {}
+    for f in _shard_files(folder):
+        st = SafetensorsFile(f)
+        for key in st.keys():
+            if IGNORED.match(key):
+                continue
+            ours = to_llamacpu_name(key)
+            if ours is None:
+                raise LlamacpuError(f"{f}: unexpected tensor {key}")
+            where[ours] = (st, key)
+    if config.tie_word_embeddings:
+        where.pop("output", None)  # some exporters save the tied copy too
+    check_tensors(config, where, lambda v: v[0].shape(v[1]), str(folder))
+    tensors = {}
+    for name, (st, key) in where.items():
+        w = st.get_f32(key)
+        if name.endswith(".wq"):
+            w = rotate_half_to_pairs(w, config.num_attention_heads)
+        elif name.endswith(".wk"):
+            w = rotate_half_to_pairs(w, config.num_key_value_heads)
+        tensors[name] = QTensor("f32", tuple(w.shape), np.ascontiguousarray(w, dtype=np.float32))
+    return Checkpoint(config=config, tensors=tensors, source=folder, hf_dir=folder)
