@@ -24,11 +24,23 @@ class Runtime:
         return self.model.config
 
 
-def open_model(path: str | Path, *, dequantize: bool = False) -> Runtime:
-    """Open a GGUF file or HF folder. `dequantize`: run in f32 (the reference path)."""
+def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None = None,
+               threads: int | None = None) -> Runtime:
+    """Open a GGUF file or HF folder.
+
+    dequantize: every weight as f32 (the reference path).
+    quant: quantize matrices to this format at load (for HF folders, whose weights are
+        float; a GGUF already in that format is used as is). None keeps what the file has,
+        except that HF folders are quantized to q8_0.
+    threads: kernel threads (None: all available cores).
+    """
     t0 = time.perf_counter()
     ckpt = load_checkpoint(path, dequantize=dequantize)
-    model = Model(ckpt.config, ckpt.tensors)
+    if quant is None and ckpt.hf_dir is not None and not dequantize:
+        quant = "q8_0"
+    if quant is not None and not dequantize:
+        ckpt = ckpt.quantized(quant)
+    model = Model(ckpt.config, ckpt.tensors, threads=threads)
     tokenizer = ckpt.tokenizer()
     template = ckpt.chat_template(tokenizer)
     return Runtime(model, tokenizer, template, ckpt, time.perf_counter() - t0)

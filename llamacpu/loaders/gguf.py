@@ -9,6 +9,8 @@ load, with a notice. GGUF lists dims fastest-first; we reverse them to (rows, co
 from __future__ import annotations
 
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ NAMES = {
     "blk.{i}.ffn_down.weight": "layers.{i}.w_down",
 }
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
-NATIVE = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+NATIVE = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # run as stored
 
 
 def to_llamacpu_name(gguf_name: str) -> str | None:
@@ -61,76 +63,166 @@ def to_gguf_name(name: str) -> str:
     raise LlamacpuError(f"no GGUF name for tensor {name}")
 
 
-def open_reader(path: Path):
-    import gguf
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LlamacpuError(f"{path}: not a readable GGUF file ({reason})") from None
+# GGUF metadata value types (GGUF spec): code → (numpy dtype) for scalars and numeric arrays.
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+            10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY, _BOOL = 8, 9, 7
 
 
-def read_metadata(path_or_reader) -> dict[str, Any]:
-    """GGUF metadata as plain values: str, int, float, bool, list[str], numpy arrays for numeric arrays."""
-    reader = path_or_reader if not isinstance(path_or_reader, (str, Path)) else open_reader(Path(path_or_reader))
-    import gguf
-    meta: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # logical (rows, cols): GGUF's fastest-first dims reversed
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+class GGUFFile:
+    """A parsed GGUF header (metadata and tensor directory) over a read-only mmap.
+
+    We parse the header ourselves instead of using `gguf.GGUFReader`, which builds a numpy
+    view per metadata item and spends ~5 s of CPU on SmolLM2's 98k tokenizer strings;
+    this parser takes a few tens of milliseconds. The `gguf` package still supplies the
+    type tables, the writer and the dequantizers.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
         try:
-            if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and f.types[-1] != gguf.GGUFValueType.STRING:
-                meta[key] = np.asarray(f.contents())
-            else:
-                meta[key] = f.contents()
-        except Exception:
-            raise LlamacpuError(f"GGUF metadata key {key} is unreadable") from None
-    if isinstance(meta.get("llamacpu.tokenizer.model"), np.ndarray):
-        meta["llamacpu.tokenizer.model"] = meta["llamacpu.tokenizer.model"].astype(np.uint8).tobytes()
-    return meta
+            self.buf = np.memmap(path, dtype=np.uint8, mode="r")
+        except (ValueError, OSError) as e:
+            raise LlamacpuError(f"{path}: cannot map file ({e})") from None
+        self.pos = 0
+        try:
+            self._parse()
+        except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError) as e:
+            raise LlamacpuError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
+
+    # Primitive readers; every read is bounds-checked against the file size.
+    def _take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ValueError("truncated header")
+        view = memoryview(self.buf)[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def _scalar(self, fmt: str):
+        (v,) = struct.unpack(fmt, self._take(struct.calcsize(fmt)))
+        return v
+
+    def _string(self) -> str:
+        return bytes(self._take(self._scalar("<Q"))).decode("utf-8")
+
+    def _value(self, vtype: int):
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            etype, count = self._scalar("<I"), self._scalar("<Q")
+            if count > len(self.buf):
+                raise ValueError("array length exceeds the file")
+            if etype == _STRING:
+                return [self._string() for _ in range(count)]
+            if etype not in _SCALARS:
+                raise ValueError(f"unsupported array element type {etype}")
+            dt = np.dtype(_SCALARS[etype])
+            arr = np.frombuffer(self._take(count * dt.itemsize), dtype=dt).copy()
+            return arr.astype(bool) if etype == _BOOL else arr
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        v = np.frombuffer(self._take(np.dtype(_SCALARS[vtype]).itemsize), dtype=_SCALARS[vtype])[0]
+        return bool(v) if vtype == _BOOL else v.item()
+
+    def _parse(self) -> None:
+        import gguf
+        if bytes(self._take(4)) != b"GGUF":
+            raise ValueError("bad magic; not a GGUF file")
+        version = self._scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.meta[key] = self._value(self._scalar("<I"))
+        raw = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._scalar("<I")
+            if n_dims > 4:
+                raise ValueError(f"tensor {name} has {n_dims} dims")
+            dims = [self._scalar("<Q") for _ in range(n_dims)]
+            raw.append((name, dims, self._scalar("<I"), self._scalar("<Q")))
+        blob = self.meta.get("llamacpu.tokenizer.model")
+        if isinstance(blob, np.ndarray):  # stored as a uint8 array: the original sentencepiece file
+            self.meta["llamacpu.tokenizer.model"] = blob.astype(np.uint8).tobytes()
+        align = int(self.meta.get("general.alignment", 32))
+        data_start = (self.pos + align - 1) // align * align
+        self.tensors: list[TensorInfo] = []
+        for name, dims, ggml_type, offset in raw:
+            try:
+                qtype = gguf.GGMLQuantizationType(ggml_type)
+            except ValueError:
+                raise ValueError(f"tensor {name} has unknown ggml type {ggml_type}") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(dims)) if dims else 1
+            if dims and dims[0] % block:
+                raise ValueError(f"tensor {name}: row length {dims[0]} is not a multiple of {block}")
+            n_bytes = n // block * type_size
+            self.tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, data_start + offset, n_bytes))
+
+    def tensor_bytes(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as a uint8 view of the mmap (no copy)."""
+        return self.buf[t.offset:t.offset + t.n_bytes]
 
 
-def _tensor(t, name: str, path: Path, notices: list[str], dequantize: bool) -> QTensor:
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """GGUF metadata as plain values: str, int, float, bool, list[str], numpy arrays for numeric arrays.
+
+    `llamacpu.tokenizer.model` (a byte array) comes back as `bytes`.
+    """
+    return GGUFFile(Path(path)).meta
+
+
+def _tensor(f: GGUFFile, t: TensorInfo, name: str, notices: list[str], dequantize: bool) -> QTensor:
     import gguf
-    shape = _logical_shape(t)  # (rows, cols)
-    kind = t.tensor_type.name
-    block_size, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-    n_elements = int(np.prod(shape))
-    if n_elements % block_size or int(t.n_bytes) != n_elements // block_size * type_size:
-        raise LlamacpuError(f"{path}: tensor {name} ({kind}) byte size does not match its shape {shape}")
-    fmt = NATIVE.get(kind)
+    qtype = gguf.GGMLQuantizationType(t.ggml_type)
+    shape = t.shape
+    raw = f.tensor_bytes(t)
+    fmt = NATIVE.get(qtype.name)
+    if fmt in ("f32", "f16") and not dequantize:
+        return QTensor(fmt, shape, raw.view(np.float32 if fmt == "f32" else np.float16).reshape(shape))
     if fmt is not None and not dequantize:
-        data = t.data.reshape(shape) if fmt in ("f32", "f16") else t.data.reshape(shape[0], -1)
-        return QTensor(fmt, shape, data)
+        return QTensor(fmt, shape, raw.reshape(shape[0], -1))
     # Not natively runnable (or an f32 copy was asked for): dequantize with gguf.quants.
-    w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+    if qtype.name == "F32":
+        w = raw.view(np.float32).reshape(shape)
+    elif qtype.name == "F16":
+        w = raw.view(np.float16).reshape(shape)
+    else:
+        w = gguf.quants.dequantize(np.asarray(raw).reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
+    w = np.asarray(w, dtype=np.float32).reshape(shape)
     if dequantize or len(shape) == 1:
         return QTensor("f32", shape, np.ascontiguousarray(w))
     target = "q8_0" if shape[-1] % BLOCK == 0 else "f16"
-    notices.append(f"{name}: {kind} transcoded to {target} at load")
+    notices.append(f"{name}: {qtype.name} transcoded to {target} at load")
     return quantize(w, target)
 
 
 def load_gguf(path: Path, *, dequantize: bool = False) -> Checkpoint:
     """Open `path` (mmap) and check every tensor against the config before anything uses it."""
     path = Path(path)
-    size = path.stat().st_size
-    reader = open_reader(path)
-    meta = read_metadata(reader)
-    infos = {}
-    for t in reader.tensors:
+    f = GGUFFile(path)
+    infos: dict[str, TensorInfo] = {}
+    for t in f.tensors:
         ours = to_llamacpu_name(t.name)
         if ours is None:
             raise LlamacpuError(f"{path}: unexpected tensor {t.name}")
-        if int(t.data_offset) + int(t.n_bytes) > size:
+        if t.offset + t.n_bytes > len(f.buf):
             raise LlamacpuError(f"{path}: tensor {t.name} lies past the end of the file (truncated?)")
         infos[ours] = t
-    config = ModelConfig.from_gguf(meta, tied="output" not in infos)
-    check_tensors(config, infos, lambda t: _logical_shape(t), str(path))
+    config = ModelConfig.from_gguf(f.meta, tied="output" not in infos)
+    check_tensors(config, infos, lambda t: t.shape, str(path))
     notices: list[str] = []
-    tensors = {name: _tensor(t, name, path, notices, dequantize) for name, t in infos.items()}
-    return Checkpoint(config=config, tensors=tensors, source=path, meta=meta, notices=notices)
-
-
-def _logical_shape(t) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(t.shape.tolist()))
+    tensors = {name: _tensor(f, t, name, notices, dequantize) for name, t in infos.items()}
+    return Checkpoint(config=config, tensors=tensors, source=path, meta=f.meta, notices=notices)
