@@ -32,8 +32,11 @@ test: venv model
 	$(PY) -m pytest -q
 
 # Peers for benchmarks and reference generation (llama-cpp-python compiles for ~15 minutes once).
+# A portable AVX2 build: a native build picks up AMX here, which the sandbox forbids (SIGILL).
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 $(VENV)/.peers: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test,reference,bench]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install --quiet -e '.[test,reference,bench]'
 	touch $@
 
 bench: venv model $(VENV)/.peers

@@ -87,7 +87,7 @@ class Tokenizer:
     Build one with `from_gguf_metadata` or `from_hf_dir`.
     """
 
-    def __init__(self, *, tokens: list[str], types: Iterable[int], encoder: Callable[[str], list[int]],
+    def __init__(self, *, tokens: list[str], types: Iterable[int], encoder: Callable[[str], list[int]] | None,
                  byte_level: bool, bos_id: int | None, eos_id: int | None, add_bos: bool,
                  strip_prefix_space: bool, kind: str, gguf: dict[str, Any], pre: str | None = None,
                  extra_stop_ids: Iterable[int] = (), hf=None):
@@ -100,8 +100,8 @@ class Tokenizer:
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self._tokens = tokens
         self._types = [int(t) for t in types]
-        self._encoder = encoder
-        self._hf = hf  # a tokenizers.Tokenizer that cuts out its own added tokens (tokenizer.json)
+        self._encoder = encoder  # ids for a text fragment free of special tokens
+        self._hf = hf  # instead of the two above: a tokenizer.json that cuts out its own added tokens
         self._gguf = gguf
         # An SPM-style text starts with a dummy "▁" the decoder drops (sentencepiece and llama.cpp do).
         self._strip_prefix_space = strip_prefix_space
@@ -178,7 +178,8 @@ class Tokenizer:
         try:
             sp.LoadFromSerializedProto(model_bytes)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with multi-line text
-            raise LlamacpuError(f"not a valid sentencepiece model ({str(e).splitlines()[0] if str(e) else e})") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LlamacpuError(f"not a valid sentencepiece model ({reason})") from None
         tokens = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
         if gguf is None:  # from an HF directory: ids and flags come from its config files
             bos_id = hf_config.token_id("bos", tokens, default=_non_negative(sp.bos_id()))
@@ -187,8 +188,10 @@ class Tokenizer:
             extra_stop_ids = hf_config.extra_eos_ids()
             gguf = proto.gguf_metadata(model_bytes, bos_id, eos_id, _non_negative(sp.unk_id()),
                                        _non_negative(sp.pad_id()), add_bos)
-        elif add_bos is None:
-            add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+        else:  # from GGUF: its keys win, the model file fills gaps
+            bos_id = bos_id if bos_id is not None else _non_negative(sp.bos_id())
+            eos_id = eos_id if eos_id is not None else _non_negative(sp.eos_id())
+            add_bos = True if add_bos is None else add_bos  # llama.cpp's default for SentencePiece
         return cls(tokens=tokens, types=proto.types, encoder=lambda s: sp.encode(s), byte_level=False,
                    bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, strip_prefix_space=proto.add_dummy_prefix,
                    kind="sentencepiece", gguf=gguf, extra_stop_ids=extra_stop_ids)
@@ -197,7 +200,7 @@ class Tokenizer:
     def _from_spm_vocab(cls, meta, tokens, types, gguf, ids) -> "Tokenizer":
         scores = _meta_array(meta, "tokenizer.ggml.scores", len(tokens), 0.0)
         add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        encoder = SpmEncoder(tokens, scores, types, _meta_id(meta, "unknown"), add_space_prefix)
+        encoder = _SpmEncoder(tokens, scores, types, _meta_id(meta, "unknown"), add_space_prefix)
         return cls(tokens=tokens, types=types, encoder=encoder, byte_level=False,
                    add_bos=meta.get("tokenizer.ggml.add_bos_token", True),
                    strip_prefix_space=add_space_prefix, kind="spm", gguf=gguf, **ids)
@@ -210,7 +213,12 @@ class Tokenizer:
             raise LlamacpuError("GGUF metadata has no tokenizer.ggml.merges for a gpt2 tokenizer")
         hf = _byte_level_bpe(tokens, list(merges), pre)
         add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in BOS_BY_DEFAULT_PRE)
-        return cls(tokens=tokens, types=types, encoder=lambda s: hf.encode(s, add_special_tokens=False).ids,
+        missing = len(tokens)  # the id of _MISSING_BYTE
+
+        def encode(s: str) -> list[int]:
+            return [i for i in hf.encode(s, add_special_tokens=False).ids if i != missing]
+
+        return cls(tokens=tokens, types=types, encoder=encode,
                    byte_level=True, add_bos=add_bos, strip_prefix_space=False, kind="bpe", pre=pre,
                    gguf=gguf, **ids)
 
@@ -233,10 +241,7 @@ class Tokenizer:
             extra_stop_ids = hf_config.extra_eos_ids()
             gguf = _tokenizer_json_gguf(spec, text, tokens, types, byte_level, bos_id, eos_id, add_bos)
 
-        def encode(s: str) -> list[int]:
-            return hf.encode(s, add_special_tokens=False).ids
-
-        return cls(tokens=tokens, types=types, encoder=encode, byte_level=byte_level, bos_id=bos_id,
+        return cls(tokens=tokens, types=types, encoder=None, byte_level=byte_level, bos_id=bos_id,
                    eos_id=eos_id, add_bos=bool(add_bos), strip_prefix_space=strip, kind="tokenizer.json",
                    pre=gguf.get("tokenizer.ggml.pre"), gguf=gguf, extra_stop_ids=extra_stop_ids, hf=hf)
 
@@ -290,6 +295,7 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The vocabulary string of one token (e.g. "Ġthe", "▁the", "<|im_end|>"), for display."""
+        self._token_bytes(token_id, False)  # range check
         return self._tokens[token_id]
 
     def gguf_metadata(self) -> dict[str, Any]:
@@ -355,7 +361,7 @@ class StreamDecoder:
 
 # ---- SentencePiece BPE from tokens/scores/types ------------------------------------------
 
-class SpmEncoder:
+class _SpmEncoder:
     """SentencePiece's BPE encoding, from the vocabulary alone (no original model file).
 
     Start from single characters and repeatedly merge the adjacent pair whose concatenation is
@@ -381,22 +387,22 @@ class SpmEncoder:
     def __call__(self, fragment: str) -> list[int]:
         """Ids for one text fragment (no special tokens in it)."""
         text = (" " + fragment if self.add_space_prefix else fragment).replace(" ", "▁")
-        symbols, following = self._merge(text)
+        symbols, following, unmerge = self._merge(text)
         out: list[int] = []
         i = 0 if symbols else -1
         while i != -1:
-            self._resegment(symbols[i], out)
+            self._resegment(symbols[i], unmerge, out)
             i = following[i]
         return out
 
-    def _merge(self, text: str) -> tuple[list[str], list[int]]:
-        """Run the merges; returns the symbol starting at each char index ("" if merged away)
-        and the index of the next live symbol."""
+    def _merge(self, text: str) -> tuple[list[str], list[int], dict[str, tuple[str, str]]]:
+        """Run the merges. Returns the symbol starting at each char index ("" once merged away),
+        the index of the next live symbol, and how each unused piece was made."""
         n = len(text)
         symbols = list(text)
         following = [*range(1, n), -1] if n else []
         preceding = list(range(-1, n - 1))
-        self._rev: dict[str, tuple[str, str]] = {}
+        unmerge: dict[str, tuple[str, str]] = {}
         agenda: list[tuple[float, int, int, int]] = []  # (-score, left, right, merged length)
 
         def consider(left: int, right: int) -> None:
@@ -407,14 +413,14 @@ class SpmEncoder:
             if entry is not None:
                 heapq.heappush(agenda, (-entry[1], left, right, len(merged)))
                 if merged in self.unused:
-                    self._rev[merged] = (symbols[left], symbols[right])
+                    unmerge[merged] = (symbols[left], symbols[right])
 
         for i in range(n - 1):
             consider(i, i + 1)
         while agenda:
             _, left, right, size = heapq.heappop(agenda)
             # Stale if either side was merged since: the pair no longer spans `size` chars.
-            if (following[left] != right or not symbols[right]
+            if (not symbols[left] or not symbols[right] or following[left] != right
                     or len(symbols[left]) + len(symbols[right]) != size):
                 continue
             symbols[left] += symbols[right]
@@ -424,15 +430,15 @@ class SpmEncoder:
                 preceding[following[left]] = left
             consider(preceding[left], left)
             consider(left, following[left])
-        return symbols, following
+        return symbols, following, unmerge
 
-    def _resegment(self, symbol: str, out: list[int]) -> None:
+    def _resegment(self, symbol: str, unmerge: dict[str, tuple[str, str]], out: list[int]) -> None:
         entry = self.mergeable.get(symbol)
         if entry is not None and symbol not in self.unused:
             out.append(entry[0])
-        elif symbol in self._rev:
-            for part in self._rev[symbol]:
-                self._resegment(part, out)
+        elif symbol in unmerge:
+            for part in unmerge[symbol]:
+                self._resegment(part, unmerge, out)
         elif entry is not None:
             out.append(entry[0])
         else:
@@ -449,6 +455,9 @@ class SpmEncoder:
 
 
 # ---- byte-level BPE from vocab + merges ---------------------------------------------------
+
+_MISSING_BYTE = "\ue000missing-byte"  # not made of byte-level chars, so no text can produce it
+
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
     """A `tokenizers` byte-level BPE with the pre-tokenizer llama.cpp uses for `pre`.
@@ -467,8 +476,12 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
         if k < 0:
             raise LlamacpuError(f"malformed BPE merge {m!r}")
         pairs.append((m[:k], m[k + 1:]))
+    # A byte missing from the vocabulary must still separate its neighbours (llama.cpp drops it
+    # only at the end), so it becomes a sentinel unknown token that the encoder filters out.
+    vocab[_MISSING_BYTE] = len(tokens)
     try:
-        hf = HfTokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+        hf = HfTokenizer(models.BPE(vocab, pairs, unk_token=_MISSING_BYTE, fuse_unk=False,
+                                    ignore_merges=ignore_merges))
     except Exception as e:  # a merge naming a token that is not in the vocabulary
         raise LlamacpuError(f"invalid BPE vocabulary ({str(e).splitlines()[0] if str(e) else e})") from None
     steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
@@ -480,7 +493,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
 
 def _piece_bytes(text: str, kind: int, byte_level: bool) -> bytes:
     """What one token contributes to decoded text (llama.cpp's token_to_piece, special=false)."""
-    if kind in (CONTROL, UNKNOWN, UNUSED):
+    if kind not in (NORMAL, USER_DEFINED, BYTE):  # control, unknown, unused, undefined
         return b""
     if kind == USER_DEFINED:
         return text.encode("utf-8")
@@ -502,11 +515,7 @@ class _SpmProto:
         self.tokens: list[str] = []
         self.scores: list[float] = []
         self.types: list[int] = []
-        self.model_type = 1  # 1 unigram, 2 bpe, 3 word, 4 char
-        self.byte_fallback = False
-        self.add_dummy_prefix = True
-        self.remove_extra_whitespaces = True
-        self.normalizer = ""
+        self.add_dummy_prefix = True  # protobuf default
 
     @classmethod
     def parse(cls, data: bytes) -> "_SpmProto":
@@ -518,15 +527,8 @@ class _SpmProto:
                     proto.tokens.append(piece.get(1, b"").decode("utf-8"))
                     proto.scores.append(struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0)
                     proto.types.append(piece.get(3, NORMAL))
-                elif field == 2:  # TrainerSpec {3: model_type, 35: byte_fallback}
-                    spec = dict(_proto_fields(value))
-                    proto.model_type = spec.get(3, 1)
-                    proto.byte_fallback = bool(spec.get(35, 0))
-                elif field == 3:  # NormalizerSpec {1: name, 3: add_dummy_prefix, 4: remove_extra_whitespaces}
-                    spec = dict(_proto_fields(value))
-                    proto.normalizer = spec.get(1, b"").decode("utf-8")
-                    proto.add_dummy_prefix = bool(spec.get(3, 1))
-                    proto.remove_extra_whitespaces = bool(spec.get(4, 1))
+                elif field == 3:  # NormalizerSpec {3: add_dummy_prefix}
+                    proto.add_dummy_prefix = bool(dict(_proto_fields(value)).get(3, 1))
         except (IndexError, UnicodeDecodeError, struct.error, TypeError):
             raise LlamacpuError("not a valid sentencepiece model file") from None
         if not proto.tokens:

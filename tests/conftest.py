@@ -28,3 +28,9 @@ def spm_model_path() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_meta(smollm2_path) -> dict:
+    from llamacpu.loaders.gguf import read_metadata
+    return read_metadata(smollm2_path)

@@ -46,3 +46,33 @@ def smollm2_ref(data_dir, smollm2_path):
     meta = json.loads((data_dir / "smollm2_reference.json").read_text())
     assert meta["model_sha256"] == sha256_of(smollm2_path)
     return np.load(data_dir / "smollm2_reference.npz")
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_smollm2_f32_matches_transformers(smollm2_f32, smollm2_ref, i):
+    prompt = smollm2_ref[f"prompt_ids_{i}"].astype(np.int64)
+    expected = smollm2_ref["greedy_ids"][i].tolist()
+    cache = smollm2_f32.new_cache(len(prompt) + len(expected))
+    logits = smollm2_f32.forward(prompt, cache)
+    assert np.abs(logits - smollm2_ref["last_logits"][i]).max() < 1e-2
+    got = []
+    for _ in expected:
+        got.append(int(np.argmax(logits)))
+        logits = smollm2_f32.forward([got[-1]], cache)
+    assert got == expected
+
+
+def test_smollm2_every_prompt_position_matches_transformers(smollm2_f32, smollm2_ref):
+    prompt = smollm2_ref["prompt_ids_0"].astype(np.int64)
+    logits = smollm2_f32.forward(prompt, smollm2_f32.new_cache(64), all_logits=True)
+    assert np.abs(logits - smollm2_ref["prompt0_logits"]).max() < 1e-2
+
+
+def test_smollm2_cached_decode_equals_full_forward(smollm2_f32, smollm2_ref):
+    ids = np.concatenate([smollm2_ref["prompt_ids_1"], smollm2_ref["greedy_ids"][1][:16]]).astype(np.int64)
+    full = smollm2_f32.forward(ids, smollm2_f32.new_cache(64), all_logits=True)
+    cache = smollm2_f32.new_cache(64)
+    split = len(ids) - 16
+    steps = [smollm2_f32.forward(ids[:split], cache)]
+    steps += [smollm2_f32.forward([t], cache) for t in ids[split:-1]]
+    np.testing.assert_allclose(np.array(steps), full[split - 1:-1], atol=1e-4, rtol=0)

@@ -46,6 +46,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 
@@ -213,7 +214,7 @@ def make_smollm2(model_path: Path, out_dir: Path, crosscheck: bool) -> None:
         margins[i] = mg
         if i == 0:
             prompt0_logits = pl
-        text = lc.detokenize(new).decode("utf-8", errors="replace")
+        text = lc.detokenize(new, special=True).decode("utf-8", errors="replace")
         texts.append(text)
         print(f"  [{i}] {len(ids)} prompt tokens, {time.time() - t0:.1f}s: {PROMPTS[i]!r} -> {text!r}")
 
@@ -240,9 +241,6 @@ def make_smollm2(model_path: Path, out_dir: Path, crosscheck: bool) -> None:
     for i, ids in enumerate(prompt_ids):
         arrays[f"prompt_ids_{i}"] = np.array(ids, dtype=np.int32)
 
-    if crosscheck:
-        _crosscheck_llamacpp(model_path, prompt_ids, last_logits, greedy)
-
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "smollm2_reference.npz"
     np.savez_compressed(npz, **arrays)
@@ -261,10 +259,23 @@ def make_smollm2(model_path: Path, out_dir: Path, crosscheck: bool) -> None:
         "prompt_ids": prompt_ids,
         "greedy_ids": greedy.tolist(),
         "greedy_texts": texts,
+        "greedy_texts_note": "llama.cpp detokenize(special=True); generation runs past <|im_end|> on purpose",
         "npz_keys": {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items()},
     }
     (out_dir / "smollm2_reference.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     print(f"[smollm2] wrote {npz} ({npz.stat().st_size} bytes)")
+    if crosscheck:
+        # In a child process, after writing: a llama.cpp crash (e.g. SIGILL from a CPU build that
+        # does not fit this machine) must neither lose the outputs nor fail the run.
+        import multiprocessing as mp
+
+        child = mp.get_context("spawn").Process(
+            target=_crosscheck_llamacpp, args=(model_path, prompt_ids, last_logits, greedy)
+        )
+        child.start()
+        child.join()
+        if child.exitcode:
+            print(f"  llama.cpp cross-check died (exit code {child.exitcode}); the outputs are kept")
 
 
 def _crosscheck_llamacpp(model_path, prompt_ids, last_logits, greedy):
