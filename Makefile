@@ -7,7 +7,7 @@ MODEL  := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 SPM    := $(MODELS)/tokenizer.model.v1
 PROMPT ?= What is the capital of France?
 
-.PHONY: venv model run test bench reference clean
+.PHONY: venv model run test bench reference check-llamacpp clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: venv model $(VENV)/.peers
 
 reference: venv model $(VENV)/.peers
 	$(PY) tools/make_reference.py
+
+# Our q8_0 output loads in llama.cpp with the same greedy tokens; q4_0 quality vs llama.cpp's own.
+check-llamacpp: venv model $(VENV)/.peers
+	$(PY) tools/check_llamacpp.py
+	$(PY) tools/check_llamacpp.py --quality
 
 clean:
 	rm -rf $(VENV) .cache

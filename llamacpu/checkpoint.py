@@ -81,25 +81,6 @@ class Checkpoint:
     hf_dir: Path | None = None
     notices: list[str] = field(default_factory=list)  # e.g. tensors transcoded at load
 
-    def quantized(self, fmt: str) -> "Checkpoint":
-        """A copy with every matrix in `fmt`; vectors (norms, rope_freqs) stay f32.
-
-        Matrices whose row length is not a multiple of the block size fall back to f16;
-        their names are listed in `notices`.
-        """
-        from .quant import BLOCK, BLOCK_BYTES, quantize
-        tensors, notices = {}, list(self.notices)
-        for name, t in self.tensors.items():
-            if len(t.shape) == 1:
-                tensors[name] = t if t.fmt == "f32" else quantize(t.dequantize(), "f32")
-                continue
-            target = fmt
-            if fmt in BLOCK_BYTES and t.cols % BLOCK:
-                target = "f16"
-                notices.append(f"{name}: row length {t.cols} is not a multiple of {BLOCK}; kept as f16")
-            tensors[name] = t if t.fmt == target else quantize(t.dequantize(), target)
-        return Checkpoint(self.config, tensors, self.source, self.meta, self.hf_dir, notices)
-
     def tokenizer(self):
         from .tokenizer import Tokenizer
         if self.hf_dir is not None:

@@ -9,6 +9,15 @@ byte-identical to ggml (`ggml-common.h`), so a GGUF tensor is used straight from
 
 Nibble order (Q4_0, Q4_1): byte j of a block holds element j in its low nibble and
 element j + 16 in its high nibble. This is the only place that order is written down.
+
+How scales are chosen. Q8_0 uses ggml's reference rule (d = amax/127, round half away from
+zero), bit for bit, so files match llama.cpp's. The 4-bit formats search, per block, for the
+scale (and, for Q4_1, the minimum) that minimises the *weighted* squared error
+sum_i a_i (x_i - x̂_i)^2 instead of taking amax/-8 or min/max: with 16 levels, letting the
+largest weight clip slightly buys finer steps for the other 31. The weights `a` are an
+optional importance per element: the output error of y = W h is sum_j e_j h_j, so an error
+in input column j costs in proportion to E[h_j^2]; `convert.input_importance` estimates that
+from the weights alone (no calibration data).
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
 FORMATS = ("f32", "f16", *BLOCK_BYTES)
 BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, **{f: 8.0 * b / BLOCK for f, b in BLOCK_BYTES.items()}}
+
+# Blocks quantized per step: keeps each (chunk, 32) temporary near L2-cache size.
+_CHUNK_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def dequantize(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw storage of a tensor in `fmt` → float32 array of the logical `shape`."""
     if fmt in FLOAT_DTYPES:
         return np.asarray(data, dtype=np.float32).reshape(shape)
     b = _blocks(data, fmt)  # (rows, nb, bytes)
@@ -116,26 +129,47 @@ def dequantize(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
     return w.reshape(shape)
 
 
-def quantize(w: np.ndarray, fmt: str) -> QTensor:
-    """Quantize a float matrix (or vector, for f32/f16) into `fmt`."""
+def quantize(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> QTensor:
+    """Quantize a float matrix (or vector, for f32/f16) into `fmt`.
+
+    importance: optional non-negative weights of each element's squared error, broadcastable
+    to w's shape, e.g. (cols,) for one weight per input column. Only the 4-bit searches use
+    it; Q8_0 keeps ggml's reference rounding, and f32/f16 are exact casts.
+    """
     w = np.asarray(w, dtype=np.float32)
     if fmt in FLOAT_DTYPES:
         return QTensor(fmt, tuple(w.shape), np.ascontiguousarray(w.astype(FLOAT_DTYPES[fmt])))
     shape = tuple(w.shape)
     storage_shape(fmt, shape)  # validates
-    x = w.reshape(shape[0], -1, BLOCK)  # (rows, nb, 32)
-    if fmt == "q8_0":
-        parts = _quantize_q8_0(x)
-    elif fmt == "q4_0":
-        parts = _quantize_q4_0(x)
-    else:
-        parts = _quantize_q4_1(x)
-    raw = np.concatenate(parts, axis=-1)  # (rows, nb, block_bytes)
-    return QTensor(fmt, shape, np.ascontiguousarray(raw.reshape(shape[0], -1)))
+    if not np.isfinite(w).all():
+        raise LlamacpuError(f"cannot quantize a tensor of shape {shape} holding NaN or infinity")
+    rows, nb = shape[0], shape[1] // BLOCK
+    x = w.reshape(rows * nb, BLOCK)  # (blocks, 32)
+    a = None
+    if importance is not None:
+        imp = np.asarray(importance, dtype=np.float32)
+        if (imp < 0).any() or not np.isfinite(imp).all():
+            raise LlamacpuError("quantization importance must be finite and non-negative")
+        a = np.broadcast_to(imp, shape).reshape(rows * nb, BLOCK)
+    out = np.empty((rows * nb, BLOCK_BYTES[fmt]), dtype=np.uint8)  # (blocks, block_bytes)
+    kernel = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1}[fmt]
+    for s in range(0, rows * nb, _CHUNK_BLOCKS):
+        e = min(s + _CHUNK_BLOCKS, rows * nb)
+        xa = None if a is None else np.ascontiguousarray(a[s:e])
+        out[s:e] = np.concatenate(kernel(x[s:e], xa), axis=-1)
+    return QTensor(fmt, shape, out.reshape(rows, nb * BLOCK_BYTES[fmt]))
 
+
+# ---- helpers ------------------------------------------------------------------------------
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    """(n,) floats → (n, 2) uint8, rounded to f16."""
     return v.astype(np.float16)[..., None].view(np.uint8)
+
+
+def _to_f16(v: np.ndarray) -> np.ndarray:
+    """Round to f16 and back: the value a block will actually store."""
+    return v.astype(np.float16).astype(np.float32)
 
 
 def _safe_inverse(d: np.ndarray) -> np.ndarray:
@@ -144,34 +178,174 @@ def _safe_inverse(d: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quantize_q8_0(x: np.ndarray) -> list[np.ndarray]:
-    d = np.abs(x).max(axis=-1) / 127.0
-    q = np.rint(x * _safe_inverse(d)[..., None]).clip(-127, 127).astype(np.int8)
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf: halves go away from zero (np.rint would round them to even)."""
+    a = np.abs(v)
+    f = np.floor(a)
+    return np.copysign(f + (a - f >= 0.5), v)
+
+
+def _rowdot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-block dot product: (n, 32), (n, 32) → (n,)."""
+    return np.einsum("ij,ij->i", u, v)
+
+
+# ---- Q8_0: ggml's reference rule --------------------------------------------------------
+
+def _quantize_q8_0(x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
+    d = np.abs(x).max(axis=-1) / np.float32(127)  # (n,)
+    q = _round_half_away(x * _safe_inverse(d)[:, None]).clip(-127, 127).astype(np.int8)
     return [_f16_bytes(d), q.view(np.uint8)]
 
 
-def _quantize_q4_0(x: np.ndarray) -> list[np.ndarray]:
-    """Scale search per block: try scales around llama.cpp's amax/-8 and keep the one with
-    the least squared error of the reconstructed block (evaluated with the f16-rounded scale)."""
-    idx = np.abs(x).argmax(axis=-1)
-    signed_max = np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]  # (rows, nb)
-    best_err = np.full(signed_max.shape, np.inf, dtype=np.float32)
-    best_d = np.zeros_like(signed_max)
-    # Divisors from -8 (llama.cpp's choice: the extreme hits code 0 exactly) towards -7.
-    for div in (-8.0, -7.75, -7.5, -7.25, -7.0, 7.0, 7.25, 7.5, 7.75):
-        d = (signed_max / div).astype(np.float16).astype(np.float32)
-        q = np.clip(np.rint(x * _safe_inverse(d)[..., None]) + 8, 0, 15)
-        err = ((d[..., None] * (q - 8) - x) ** 2).sum(axis=-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_d = np.where(better, d, best_d)
-    q = np.clip(np.rint(x * _safe_inverse(best_d)[..., None]) + 8, 0, 15)
-    return [_f16_bytes(best_d), _pack_nibbles(q)]
+# ---- Q4_0: weighted search for the scale -------------------------------------------------
+
+# Candidate values of x_max / d, where x_max is the block's signed extreme. Negative ones send the
+# extreme to the -8 side (llama.cpp's choice is exactly -8), positive ones to the +7 side; magnitudes
+# above 8 (resp. 7) clip it. Each candidate only proposes a rounding; its scale is then refitted.
+_Q4_0_STEPS = np.concatenate([np.arange(-9.0, -6.49, 0.125), np.arange(6.0, 7.76, 0.125)]).astype(np.float32)
 
 
-def _quantize_q4_1(x: np.ndarray) -> list[np.ndarray]:
+def _quantize_q4_0(x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
+    """For each candidate rounding q = clip(rint(k · x / x_max)), the least-squares scale is
+    d = Σ a x q / Σ a q², which lowers the weighted error by (Σ a x q)² / Σ a q²; the search
+    (`_search_q4_0`) keeps the rounding that lowers it most. Then d is rounded to f16, q rounded
+    against it, and d refitted once more where that helps."""
+    a = np.ones_like(x) if a is None else a
+    d = np.empty(len(x), dtype=np.float32)
+    _search_kernels()[0](x, a, _Q4_0_STEPS, d)
+    d = _refit_q4_0(x, a, _to_f16(d))
+    q = np.clip(np.rint(x * _safe_inverse(d)[:, None]), -8, 7) + 8
+    return [_f16_bytes(d), _pack_nibbles(q)]
+
+
+def _refit_q4_0(x: np.ndarray, a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """One more least-squares fit of d to the rounding that the f16 scale gives; kept only where it
+    lowers the weighted error after its own f16 rounding."""
+    def err(dd):
+        q = np.clip(np.rint(x * _safe_inverse(dd)[:, None]), -8, 7)
+        r = x - dd[:, None] * q
+        return _rowdot(a * r, r), q
+    e0, q = err(d)
+    d1 = _to_f16(_rowdot(a * x, q) * _safe_inverse(_rowdot(a * q, q)))
+    e1, _ = err(d1)
+    return np.where(e1 < e0, d1, d)
+
+
+# ---- Q4_1: weighted search for scale and minimum -----------------------------------------
+
+# Candidate step counts spanning [min, max]: 15 is ggml's min/max rule, more steps clip the ends.
+_Q4_1_SPANS = np.array([15.0, 15.25, 15.5, 15.75, 16.0, 16.5, 17.0, 17.5, 18.0, 19.0], dtype=np.float32)
+
+
+def _quantize_q4_1(x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
+    """The search (`_search_q4_1`) tries ggml's min/max grid and wider-step grids centred on the
+    block, refits (d, m) by weighted least squares to each rounding (twice), and keeps the least
+    weighted error. Then d and m are rounded to f16; where that made the block worse than
+    ggml's own min/max choice (possible for nearly constant blocks), the latter is kept, so a
+    block already on a Q4_1 grid comes back exactly."""
+    a = np.ones_like(x) if a is None else a
+    d = np.empty(len(x), dtype=np.float32)
+    m = np.empty(len(x), dtype=np.float32)
+    _search_kernels()[1](x, a, _Q4_1_SPANS, d, m)
     lo, hi = x.min(axis=-1), x.max(axis=-1)
-    d = ((hi - lo) / 15.0).astype(np.float16).astype(np.float32)
-    m = lo.astype(np.float16).astype(np.float32)
-    q = np.clip(np.rint((x - m[..., None]) * _safe_inverse(d)[..., None]), 0, 15)
+    best = (_to_f16(d), _to_f16(m))
+    plain = (_to_f16((hi - lo) / 15), _to_f16(lo))
+    err = [_q4_1_error(x, a, *c) for c in (best, plain)]
+    keep = err[0] <= err[1]
+    d, m = np.where(keep, best[0], plain[0]), np.where(keep, best[1], plain[1])
+    q = np.clip(np.rint((x - m[:, None]) * _safe_inverse(d)[:, None]), 0, 15)
     return [_f16_bytes(d), _f16_bytes(m), _pack_nibbles(q)]
+
+
+def _q4_1_error(x, a, d, m) -> np.ndarray:
+    q = np.clip(np.rint((x - m[:, None]) * _safe_inverse(d)[:, None]), 0, 15)
+    r = x - (d[:, None] * q + m[:, None])
+    return _rowdot(a * r, r)
+
+
+# ---- the search loops (Numba) ---------------------------------------------------------------
+# Per block they run a few hundred candidate roundings over 32 weights: in numpy every candidate
+# is a pass over the whole tensor, compiled they stay in registers (about 20x faster).
+
+_KERNELS = None
+
+
+def _search_kernels():
+    """Compile (or load from Numba's cache) the two search loops on first use."""
+    global _KERNELS
+    if _KERNELS is None:
+        from numba import njit
+
+        # reassoc lets LLVM vectorize the block sums; the order of a 32-term sum doesn't matter here.
+        kernel = njit(cache=True, fastmath={"reassoc", "contract"})
+        _KERNELS = (kernel(_search_q4_0), kernel(_search_q4_1))
+    return _KERNELS
+
+
+def _search_q4_0(x, a, steps, d_out):
+    """x, a (n, 32) f32; steps (k,) f32 → d_out (n,) the least-squares scale of the best rounding."""
+    n, bs = x.shape
+    for b in range(n):
+        xmax = np.float32(0.0)
+        for i in range(bs):
+            if abs(x[b, i]) > abs(xmax):
+                xmax = x[b, i]
+        best_gain = np.float32(-1.0)
+        best_d = np.float32(0.0)
+        if xmax != 0:
+            xb, ab = x[b], a[b]
+            for k in steps:
+                s = k / xmax
+                sxq = np.float32(0.0)
+                sqq = np.float32(0.0)
+                for i in range(bs):  # branch-free, so LLVM vectorizes it
+                    t = np.rint(xb[i] * s)
+                    t = np.float32(-8.0) if t < -8 else t
+                    t = np.float32(7.0) if t > 7 else t
+                    at = ab[i] * t
+                    sxq += at * xb[i]
+                    sqq += at * t
+                if sqq > 0 and sxq * sxq / sqq > best_gain:
+                    best_gain = sxq * sxq / sqq
+                    best_d = sxq / sqq
+        d_out[b] = best_d
+
+
+def _search_q4_1(x, a, spans, d_out, m_out):
+    """x, a (n, 32) f32; spans (k,) f32 → d_out, m_out (n,): the affine grid of least weighted error."""
+    n, bs = x.shape
+    for b in range(n):
+        lo = x[b, 0]
+        hi = x[b, 0]
+        for i in range(bs):
+            lo = min(lo, x[b, i])
+            hi = max(hi, x[b, i])
+        best_err = np.inf
+        best_d = np.float32(0.0)
+        best_m = lo
+        for steps in spans:
+            d = (hi - lo) / steps
+            m = lo + (hi - lo - 15 * d) / 2  # the 16 levels centred on [lo, hi]
+            for _ in range(3):  # evaluate, then refit (d, m) to that rounding; twice
+                inv = 1 / d if d != 0 else np.float32(0.0)
+                sa = sq = sx = sqq = sqx = err = np.float32(0.0)
+                for i in range(bs):
+                    q = min(max(np.rint((x[b, i] - m) * inv), np.float32(0.0)), np.float32(15.0))
+                    r = x[b, i] - (d * q + m)
+                    w = a[b, i]
+                    err += w * r * r
+                    sa += w
+                    sq += w * q
+                    sx += w * x[b, i]
+                    sqq += w * q * q
+                    sqx += w * q * x[b, i]
+                if err < best_err:
+                    best_err, best_d, best_m = err, d, m
+                det = sa * sqq - sq * sq
+                if det <= 0:
+                    break
+                d = (sa * sqx - sq * sx) / det
+                m = (sx - d * sq) / sa
+        d_out[b] = best_d
+        m_out[b] = best_m

@@ -39,7 +39,8 @@ def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None 
     if quant is None and ckpt.hf_dir is not None and not dequantize:
         quant = "q8_0"
     if quant is not None and not dequantize:
-        ckpt = ckpt.quantized(quant)
+        from .convert import quantize_checkpoint
+        ckpt = quantize_checkpoint(ckpt, quant)
     model = Model(ckpt.config, ckpt.tensors, threads=threads)
     tokenizer = ckpt.tokenizer()
     template = ckpt.chat_template(tokenizer)

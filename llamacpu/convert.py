@@ -1,0 +1,353 @@
+"""Write a checkpoint (HF folder or GGUF) as a standard GGUF v3 file in one tensor format.
+
+The output is what llama.cpp's own tools write for a `llama` model: `general.*` and `llama.*`
+metadata, the tokenizer as `tokenizer.ggml.*` keys (plus `llamacpu.tokenizer.*` for exact round
+trips of sentencepiece / tokenizer.json sources), `tokenizer.chat_template`, and tensors under
+GGUF names, rows unchanged (our Q/K row order is already llama.cpp's; see `checkpoint.py`).
+
+Which format each tensor gets (`tensor_format`):
+- 1-D tensors (norm gains, `rope_freqs`) stay f32, as llama.cpp keeps them.
+- The output head (`output`, or the token embedding when the head is tied to it) is q8_0 when
+  the requested format is 4-bit: every logit goes through it. llama.cpp does likewise: its
+  Q4_0/Q4_1 give the head Q6_K, or Q8_0 when rows aren't a multiple of 256 (SmolLM2's 576:
+  `llama_model_quantize` logs "token_embd.weight ... falling back to q8_0"). An untied token
+  embedding is only gathered row by row and takes the requested format, as in llama.cpp.
+- A matrix whose row length isn't a multiple of 32 can't be blocked: it falls back to f16
+  and is listed in `ConvertReport.fallback`.
+For q4_0/q4_1, each block's scale search (`quant.py`) weights the error of input column j by an
+estimate of E[h_j^2] for that matrix's input, derived from the weights (`input_importance`).
+
+Weights are produced one tensor at a time (a GGUF source is dequantized tensor by tensor
+from its mmap; a tensor already in the target format is copied as is) and streamed to a
+temporary file beside OUT, which replaces OUT only once complete: an interrupt, an error or
+a full disk leaves OUT as it was and no temporary file. (HF sources are read by
+`loaders/hf.py`, which returns every weight as f32 at once: bf16/f16 checkpoints are held
+in memory in full while converting.)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import llama3_freq_factors
+from .errors import LlamacpuError
+from .loaders.gguf import to_gguf_name
+from .quant import BLOCK, BLOCK_BYTES, FORMATS, QTensor, quantize, storage_shape
+
+QUANT_VERSION = 2  # ggml's current block-format version, stored as general.quantization_version
+
+
+@dataclass
+class ConvertReport:
+    """What `convert_model` wrote."""
+
+    out: Path
+    quant: str
+    n_tensors: int
+    fallback: list[str] = field(default_factory=list)  # tensors kept f16: rows not a multiple of 32
+    bytes_written: int = 0
+    seconds: float = 0.0
+    formats: dict[str, int] = field(default_factory=dict)  # tensor count per stored format
+
+
+def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
+                  progress: Callable[[int, int, str], None] | None = None) -> ConvertReport:
+    """Convert the HF folder or GGUF file `src` into a GGUF file `out` with weights in `quant`.
+
+    quant: one of f32, f16, q8_0, q4_0, q4_1. progress(done, total, tensor_name) is called
+    after each tensor is written. Raises LlamacpuError on bad input or a failed write.
+    """
+    import gguf
+
+    t0 = time.perf_counter()
+    if quant not in FORMATS:
+        raise LlamacpuError(f"unknown quantization {quant!r}; choose one of {', '.join(FORMATS)}")
+    src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise LlamacpuError(f"{out} is a directory; give the output file's name")
+    if not out.parent.is_dir():
+        raise LlamacpuError(f"output folder {out.parent} does not exist")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise LlamacpuError("the output would overwrite the source")
+    ckpt = load_checkpoint(src)
+    if ckpt.notices:
+        # The loader transcoded tensors it can't run (K-quants...) to q8_0; quantizing those again
+        # would stack two roundings, so read every weight as f32 instead (in memory, not mmap).
+        ckpt = load_checkpoint(src, dequantize=True)
+    plan = _plan(ckpt, quant)
+    meta = _metadata(ckpt, quant)
+
+    # A unique hidden name beside OUT (same filesystem, so the final rename is atomic); the
+    # writer creates it with the usual permissions, which mkstemp's 0600 would not give.
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    writer = gguf.GGUFWriter(tmp, arch="llama")
+    try:
+        for key, (value, vtype, sub_type) in meta.items():
+            writer.add_key_value(key, value, vtype, sub_type)
+        for p in plan:
+            if p.fmt in BLOCK_BYTES:
+                writer.add_tensor_info(p.gguf_name, storage_shape(p.fmt, p.shape), np.dtype(np.uint8),
+                                       p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.fmt.upper()])
+            else:
+                dtype = np.dtype(np.float32 if p.fmt == "f32" else np.float16)
+                writer.add_tensor_info(p.gguf_name, p.shape, dtype, p.nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, p in enumerate(plan):
+            data = p.make().data
+            writer.write_tensor_data(np.ascontiguousarray(data))
+            if progress is not None:
+                progress(i + 1, len(plan), p.name)
+        writer.flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        os.replace(tmp, out)
+    except OSError as e:  # e.g. ENOSPC: a full disk
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise LlamacpuError(f"could not write {out}: {e.strerror or e}") from None
+    except BaseException:  # Ctrl-C, or any failure: leave no partial file behind
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    formats: dict[str, int] = {}
+    for p in plan:
+        formats[p.fmt] = formats.get(p.fmt, 0) + 1
+    return ConvertReport(out=out, quant=quant, n_tensors=len(plan),
+                         fallback=[p.name for p in plan if p.fallback],
+                         bytes_written=out.stat().st_size, seconds=time.perf_counter() - t0,
+                         formats=formats)
+
+
+# ---- which tensors, in which format --------------------------------------------------------
+
+@dataclass
+class _Planned:
+    name: str  # llamacpu name
+    gguf_name: str
+    shape: tuple[int, ...]
+    fmt: str
+    fallback: bool
+    make: Callable[[], QTensor]  # produces the stored tensor when its turn to be written comes
+
+    @property
+    def nbytes(self) -> int:
+        if self.fmt in BLOCK_BYTES:
+            rows, cols = self.shape
+            return rows * cols // BLOCK * BLOCK_BYTES[self.fmt]
+        return int(np.prod(self.shape)) * (4 if self.fmt == "f32" else 2)
+
+
+def tensor_format(name: str, shape: tuple[int, ...], quant: str, *, tied: bool) -> tuple[str, bool]:
+    """(stored format, fell back to f16?) for tensor `name` when converting to `quant`."""
+    if len(shape) == 1:
+        return "f32", False
+    if quant in ("f32", "f16"):
+        return quant, False
+    if shape[-1] % BLOCK:
+        return "f16", True
+    is_head = name == "output" or (name == "embed" and tied)
+    if is_head and quant in ("q4_0", "q4_1"):
+        return "q8_0", False
+    return quant, False
+
+
+def _plan(ckpt: Checkpoint, quant: str) -> list[_Planned]:
+    c = ckpt.config
+    tensors = dict(ckpt.tensors)
+    if c.rope_scaling is not None and "rope_freqs" not in tensors:
+        # llama.cpp reads Llama-3 scaling from this tensor of per-frequency divisors (hd/2,).
+        half = c.head_dim // 2
+        base = 1.0 / c.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / c.head_dim)
+        factors = llama3_freq_factors(base, c.rope_scaling).astype(np.float32)
+        tensors["rope_freqs"] = QTensor("f32", (half,), factors)
+    order = ["embed", "output", "norm", "rope_freqs"]
+    names = [n for n in order if n in tensors] + [n for n in tensors if n not in order]
+    formats = {n: tensor_format(n, tensors[n].shape, quant, tied=c.tie_word_embeddings) for n in names}
+    # Importance only matters where a 4-bit search will run (a same-format tensor is copied).
+    searched = any(f in ("q4_0", "q4_1") and tensors[n].fmt != f for n, (f, _) in formats.items())
+    importance = input_importance(tensors, c) if searched else {}
+    plan = []
+    for name in names:
+        src = tensors[name]
+        fmt, fallback = formats[name]
+        imp = importance.get(name) if fmt in ("q4_0", "q4_1") else None
+        plan.append(_Planned(name, to_gguf_name(name), src.shape, fmt, fallback,
+                             make=lambda s=src, f=fmt, i=imp: _convert_tensor(s, f, i)))
+    return plan
+
+
+def quantize_checkpoint(ckpt: Checkpoint, quant: str) -> Checkpoint:
+    """`ckpt` with every tensor in the format `convert_model` would write, held in memory.
+
+    This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
+    """
+    if quant not in FORMATS:
+        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(FORMATS)}")
+    plan = _plan(ckpt, quant)
+    notices = list(ckpt.notices) + [
+        f"{p.name}: row length {p.shape[-1]} is not a multiple of {BLOCK}; kept as f16"
+        for p in plan if p.fallback]
+    return replace(ckpt, tensors={p.name: p.make() for p in plan}, notices=notices)
+
+
+def _convert_tensor(src: QTensor, fmt: str, importance: np.ndarray | None) -> QTensor:
+    if src.fmt == fmt:  # same format: the bytes are already right
+        return src
+    return quantize(src.dequantize(), fmt, importance)
+
+
+# Column importance for the 4-bit scale search: E[h_j^2] for the input h of each y = W h, from the
+# weights alone, by propagating second moments through the network (no calibration data).
+# Channels are treated as independent; s (D,) tracks E[x_k^2] of the residual stream x:
+#   start      s = mean over the vocabulary of embed[v, k]^2
+#   wq wk wv   h = attn gain * x / rms(x)           E[h^2] = gain^2 * s / mean(s)
+#   wo         h = attention's mix of value vectors  E[h_j^2] ≈ E[v_j^2] = (Wv^2 @ E[h_attn^2])_j,
+#              column j of a query head reading the value head its group shares
+#              then s += Wo^2 @ E[h]
+#   w_gate w_up  h = mlp gain * x / rms(x)          E[h^2] = gain^2 * s / mean(s)
+#   w_down     h = silu(g) * u                      E[h_j^2] ≈ E[silu(g_j)^2] E[u_j^2], g_j and u_j
+#              Gaussian with variances from Wg^2, Wu^2;  then s += Wd^2 @ E[h]
+# The s / mean(s) factor carries the residual stream's outlier channels, which make some input
+# columns far more important than others. On SmolLM2 (4 × 512 tokens of prose) q4_0's KL from
+# f32 went 0.298 → 0.233 nats against weighting by the norm gains alone (tools/check_llamacpp.py --quality).
+
+def input_importance(tensors: dict[str, QTensor], config) -> dict[str, np.ndarray]:
+    """Column importance (cols,) of every layer matrix, each normalised to mean 1."""
+    c = config
+
+    def f64(name: str) -> np.ndarray:
+        return tensors[name].dequantize().astype(np.float64)
+
+    embed = tensors["embed"]
+    s = np.zeros(c.hidden_size)  # (D,) E[x^2] of the residual stream
+    for r in range(0, c.vocab_size, 4096):  # in row blocks: the embedding can be large
+        rows = QTensor(embed.fmt, (min(4096, c.vocab_size - r), c.hidden_size), embed.data[r:r + 4096])
+        s += (rows.dequantize().astype(np.float64) ** 2).sum(0)
+    s /= c.vocab_size
+    out: dict[str, np.ndarray] = {}
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        h_attn = f64(p + "attn_norm") ** 2 * s / s.mean()  # (D,)
+        out[p + "wq"] = out[p + "wk"] = out[p + "wv"] = h_attn
+        wv = f64(p + "wv")
+        v = ((wv * wv) @ h_attn).reshape(c.num_key_value_heads, 1, c.head_dim)  # (Hkv, 1, hd)
+        out[p + "wo"] = np.broadcast_to(v, (c.num_key_value_heads, c.n_rep, c.head_dim)).reshape(-1)
+        wo = f64(p + "wo")
+        s = s + (wo * wo) @ out[p + "wo"]
+        h_mlp = f64(p + "mlp_norm") ** 2 * s / s.mean()  # (D,)
+        out[p + "w_gate"] = out[p + "w_up"] = h_mlp
+        wg, wu = f64(p + "w_gate"), f64(p + "w_up")
+        out[p + "w_down"] = _silu_second_moment((wg * wg) @ h_mlp) * ((wu * wu) @ h_mlp)  # (F,)
+        wd = f64(p + "w_down")
+        s = s + (wd * wd) @ out[p + "w_down"]
+    return {name: (v / v.mean()).astype(np.float32) for name, v in out.items()
+            if np.isfinite(v).all() and v.mean() > 0}
+
+
+def _silu_second_moment(var: np.ndarray) -> np.ndarray:
+    """E[silu(g)^2] for g ~ N(0, var), elementwise, by 32-point Gauss-Hermite quadrature."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(32)  # ∫ f(z) exp(-z²/2) dz
+    g = np.sqrt(var)[:, None] * nodes[None, :]  # (n, 32)
+    silu = g / (1.0 + np.exp(-g))
+    return (silu * silu) @ weights / np.sqrt(2 * np.pi)
+
+
+# ---- metadata ------------------------------------------------------------------------------
+
+def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
+    """key → (value, GGUFValueType, array sub-type) for every key the output carries."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quant]
+    meta: dict[str, tuple[Any, Any, Any]] = {}
+    if ckpt.hf_dir is None:
+        meta.update(_carried_gguf_metadata(ckpt.meta))
+        name = ckpt.meta.get("general.name") or ckpt.source.stem
+    else:
+        tokenizer = ckpt.tokenizer()
+        for key, value in tokenizer.gguf_metadata().items():
+            typed = _typed(key, value)
+            if typed is not None:
+                meta[key] = typed
+        template = ckpt.chat_template(tokenizer)
+        if template is not None:
+            meta["tokenizer.chat_template"] = (template.source, T.STRING, None)
+        name = ckpt.hf_dir.name
+    meta["general.name"] = (str(name), T.STRING, None)
+    meta["general.file_type"] = (int(file_type), T.UINT32, None)
+    meta["general.quantization_version"] = (QUANT_VERSION, T.UINT32, None)
+    for key, value in ckpt.config.gguf_metadata().items():
+        meta[key] = (value, T.FLOAT32 if isinstance(value, float) else T.UINT32, None)
+    if "tokenizer.ggml.model" not in meta:
+        raise LlamacpuError(f"{ckpt.source}: no tokenizer to write into the GGUF file")
+    return meta
+
+
+# Source keys that describe the file or its layout, not the model; we write our own.
+_NOT_CARRIED = ("general.architecture", "general.file_type", "general.quantization_version",
+                "general.alignment", "split.")
+
+
+def _carried_gguf_metadata(meta: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
+    """The `general.*`, `tokenizer.*` and `llamacpu.*` keys of a GGUF source, typed for the writer.
+    Descriptive `general.*` keys we can't type (nested arrays...) are left out; GGUF has no
+    empty arrays, so empty ones are too."""
+    out = {}
+    for key, value in meta.items():
+        if not key.startswith(("general.", "tokenizer.", "llamacpu.")) or key.startswith(_NOT_CARRIED):
+            continue
+        try:
+            typed = _typed(key, value)
+        except LlamacpuError:
+            if key.startswith("general."):
+                continue
+            raise
+        if typed is not None:
+            out[key] = typed
+    return out
+
+
+def _typed(key: str, value: Any) -> tuple[Any, Any, Any] | None:
+    """GGUF type for a metadata value given as a plain Python / numpy value; None for an empty
+    array (GGUF can't store one).
+
+    Integers are uint32 (token ids and counts, as llama.cpp reads them; negative ones int32),
+    floats float32; numeric arrays keep their dtype (token types int32, scores float32);
+    bytes become a uint8 array."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    if isinstance(value, (list, tuple, bytes, bytearray, np.ndarray)) and len(value) == 0:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value), T.BOOL, None
+    if isinstance(value, (int, np.integer)):
+        return int(value), (T.UINT32 if value >= 0 else T.INT32), None
+    if isinstance(value, (float, np.floating)):
+        return float(value), T.FLOAT32, None
+    if isinstance(value, str):
+        return value, T.STRING, None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), T.ARRAY, T.UINT8
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value), T.ARRAY, T.STRING
+    arr = np.asarray(value)
+    if arr.ndim == 1 and len(arr):
+        kinds = {"i": T.INT32, "u": T.UINT32, "f": T.FLOAT32, "b": T.BOOL}
+        if arr.dtype.kind in kinds:
+            sub = T.UINT8 if arr.dtype == np.uint8 else kinds[arr.dtype.kind]
+            return arr.tolist(), T.ARRAY, sub
+    raise LlamacpuError(f"cannot store metadata {key} ({type(value).__name__}) in GGUF")
