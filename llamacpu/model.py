@@ -4,30 +4,48 @@
 References: Touvron et al. 2023 (LLaMA), Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA),
 Shazeer 2020 (SwiGLU). RoPE rotates adjacent pairs (x[2i], x[2i+1]); see `checkpoint.py`.
 
+Two paths compute the same math:
+- decode (one new token, block-quantized weights): `kernels.decode_step` runs every layer and
+  the output head in one Numba call, so Python costs one dispatch per token;
+- everything else (prefill of T tokens, f32/f16 weights): the layer loop below, with the
+  matrix products in BLAS (`linear.py`) and norm/RoPE in kernels.
+
 Shapes: T new tokens, S cached positions, D model width, H query heads, Hkv key/value
-heads, hd head_dim, F SwiGLU width, V vocab.
+heads, hd head_dim, F SwiGLU width, V vocab, L layers.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
+from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .quant import QTensor, dequantize
+from .linear import Linear, PackedBlocks, pack, pack_stack, set_blas_threads
+from .quant import BLOCK_BYTES, QTensor, dequantize
+
+KV_DTYPES = (np.float32, np.float16)
+ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
+ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
 
 
 class KVCache:
     """Keys and values of every layer, preallocated: (layers, max_seq, Hkv, hd), plus a position counter.
 
     K/V heads are stored once (not repeated per query head). `pos` positions are filled.
+    `dtype` is float32 or float16 (half the memory; attention still computes in f32).
     """
 
     def __init__(self, config: ModelConfig, max_seq: int, dtype=np.float32):
         if max_seq <= 0:
             raise LlamacpuError("the KV cache needs at least one position")
+        if np.dtype(dtype) not in [np.dtype(t) for t in KV_DTYPES]:
+            raise LlamacpuError(f"KV cache dtype must be float32 or float16, got {np.dtype(dtype)}")
         shape = (config.num_hidden_layers, max_seq, config.num_key_value_heads, config.head_dim)
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
@@ -40,130 +58,303 @@ class KVCache:
             raise LlamacpuError(f"cannot truncate a cache of {self.pos} positions to {n}")
         self.pos = n
 
+    def kernel_views(self) -> tuple[np.ndarray, np.ndarray]:
+        """k, v as the kernels take them: f32 as is, f16 as its uint16 bits."""
+        if self.k.dtype == np.float16:
+            return self.k.view(np.uint16), self.v.view(np.uint16)
+        return self.k, self.v
+
 
 @dataclass
 class Layer:
     attn_norm: np.ndarray  # (D,)
-    wq: QTensor  # (H*hd, D)
-    wk: QTensor  # (Hkv*hd, D)
-    wv: QTensor  # (Hkv*hd, D)
-    wo: QTensor  # (D, H*hd)
+    qkv: list[Linear]  # [Wq|Wk|Wv] fused (H*hd + 2*Hkv*hd, D), or [Wq, Wk, Wv] for dense weights
+    wo: Linear  # (D, H*hd)
     mlp_norm: np.ndarray  # (D,)
-    w_gate: QTensor  # (F, D)
-    w_up: QTensor  # (F, D)
-    w_down: QTensor  # (D, F)
+    gate_up: list[Linear]  # [Wgate|Wup] fused (2F, D), or [Wgate, Wup]
+    w_down: Linear  # (D, F)
 
 
-def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
-    """y = x @ W.T: x (T, in) → (T, out)."""
-    if w.fmt == "f32":
-        return x @ w.data.T
-    return x @ w.dequantize().T
+@dataclass
+class DecodeWeights:
+    """Every layer's block weights stacked (L, rows, ...) for `kernels.decode_step`."""
+
+    qkv: PackedBlocks  # (L, H*hd + 2*Hkv*hd, D)
+    wo: PackedBlocks  # (L, D, H*hd)
+    gate_up: PackedBlocks  # (L, 2F, D)
+    w_down: PackedBlocks  # (L, D, F)
+    head: PackedBlocks  # (V, D)
+    attn_norm: np.ndarray  # (L, D)
+    mlp_norm: np.ndarray  # (L, D)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x (T, D) scaled to unit root-mean-square, then by `weight` (D,)."""
-    ms = np.mean(x * x, axis=-1, keepdims=True)
-    return x / np.sqrt(ms + eps) * weight
-
-
-def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """Rotate adjacent pairs of x (T, heads, hd) by angle position * inv_freq[i] (hd/2,)."""
-    angles = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (T, hd/2)
-    cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
-    sin = np.sin(angles).astype(np.float32)[:, None, :]
-    even, odd = x[..., 0::2], x[..., 1::2]  # (T, heads, hd/2)
-    out = np.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out
+def rope_tables(inv_freq: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_pos, hd/2) f32 of angle position * inv_freq, computed in f64."""
+    angles = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
-    """Causal grouped-query attention.
+    """Causal grouped-query attention, in BLAS-sized blocks (the prefill path).
 
-    q (T, H, hd) for positions start..start+T-1; k, v (S, Hkv, hd) for positions 0..S-1
+    q (T, H, hd) for positions start..start+T-1; k, v (S, Hkv, hd) f32 for positions 0..S-1
     with S = start + T. Each group of H/Hkv query heads reads one K/V head, unrepeated.
     Returns (T, H, hd).
     """
     T, H, hd = q.shape
     S, Hkv, _ = k.shape
     rep = H // Hkv
-    qg = q.reshape(T, Hkv, rep, hd).transpose(1, 2, 0, 3)  # (Hkv, rep, T, hd)
-    kt = k.transpose(1, 2, 0)  # (Hkv, hd, S)
-    scores = (qg @ kt[:, None]) / np.sqrt(hd)  # (Hkv, rep, T, S)
-    visible = np.arange(S)[None, :] <= (start + np.arange(T))[:, None]  # (T, S)
-    scores = np.where(visible, scores, -np.inf)
-    scores = scores - scores.max(axis=-1, keepdims=True)  # stable softmax
-    p = np.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True)
-    out = p @ v.transpose(1, 0, 2)[:, None]  # (Hkv, rep, T, hd)
-    return out.transpose(2, 0, 1, 3).reshape(T, H, hd)
+    # Contiguous per-head operands, so every product below is one BLAS call per K/V head.
+    kh = np.ascontiguousarray(k.transpose(1, 0, 2))  # (Hkv, S, hd)
+    vh = np.ascontiguousarray(v.transpose(1, 0, 2))  # (Hkv, S, hd)
+    out = np.empty((T, Hkv, rep, hd), dtype=np.float32)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for t0 in range(0, T, ATTENTION_CHUNK):
+        t1 = min(T, t0 + ATTENTION_CHUNK)
+        n, s1 = t1 - t0, start + t1  # later positions are masked for every query of this chunk
+        qg = np.ascontiguousarray(q[t0:t1].reshape(n, Hkv, rep, hd).transpose(1, 0, 2, 3))  # (Hkv, n, rep, hd)
+        scores = qg.reshape(Hkv, n * rep, hd) @ kh[:, :s1].transpose(0, 2, 1)  # (Hkv, n*rep, s1)
+        scores = scores.reshape(Hkv, n, rep, s1)
+        scores *= scale
+        hidden = np.arange(s1)[None, :] > (start + np.arange(t0, t1))[:, None]  # (n, s1) future positions
+        np.copyto(scores, np.float32(-np.inf), where=hidden[None, :, None, :])
+        scores -= scores.max(axis=-1, keepdims=True)  # stable softmax
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        o = scores.reshape(Hkv, n * rep, s1) @ vh[:, :s1]  # (Hkv, n*rep, hd)
+        out[t0:t1] = o.reshape(Hkv, n, rep, hd).transpose(1, 0, 2, 3)
+    return out.reshape(T, H, hd)
+
+
+class ThreadChooser:
+    """Picks the decode step's thread count: `threads`, or 1 when that measures faster.
+
+    On a shared machine a parallel region waits for its slowest thread, and with the other
+    core busy 2-thread decoding was measured 4-7x *slower* than 1 thread. So steps are
+    timed: each option is tried first, then the faster one (by a moving average) is used,
+    and the other is re-tried now and then in case the load changed. A re-try that loses
+    doubles the interval to the next (up to MAX_PROBE_EVERY), as a collapsed step is costly.
+    """
+
+    PROBE_EVERY = 32
+    MAX_PROBE_EVERY = 1024
+    SMOOTHING = 0.5  # weight of the newest timing in the moving average
+
+    def __init__(self, threads: int, warmed: bool = False):
+        self.options = [threads, 1] if threads > 1 else [1]
+        self.seconds: dict[int, float] = {}
+        # an option's first step (kernel loading) is not timed, unless `warmed`
+        self.warmed: set[int] = set(self.options) if warmed else set()
+        self.probe_every = self.PROBE_EVERY
+        self.next_probe = self.PROBE_EVERY
+        self.steps = 0
+
+    def best(self) -> int:
+        return min(self.options, key=lambda n: self.seconds.get(n, 0.0))
+
+    def pick(self) -> int:
+        self.steps += 1
+        untried = [n for n in self.options if n not in self.seconds]
+        if untried:
+            return untried[0]
+        best = self.best()
+        if len(self.options) > 1 and self.steps >= self.next_probe:
+            return next(n for n in self.options if n != best)
+        return best
+
+    def record(self, threads: int, seconds: float) -> None:
+        if threads not in self.warmed:
+            self.warmed.add(threads)
+            return
+        if len(self.seconds) == len(self.options) and self.steps >= self.next_probe:  # a probe
+            won = seconds < self.seconds[self.best()]
+            self.probe_every = self.PROBE_EVERY if won else min(2 * self.probe_every, self.MAX_PROBE_EVERY)
+            self.next_probe = self.steps + self.probe_every
+        old = self.seconds.get(threads)
+        self.seconds[threads] = seconds if old is None else old + self.SMOOTHING * (seconds - old)
+
+
+def default_threads() -> int:
+    """The cores this process may run on, capped by Numba's thread pool."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 class Model:
-    """A LLaMA-family decoder over QTensor weights (llamacpu names, see `checkpoint.py`)."""
+    """A LLaMA-family decoder over QTensor weights (llamacpu names, see `checkpoint.py`).
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor]):
-        self.config = config
-        c = config
+    Block-quantized matrices (q8_0, q4_0, q4_1) are packed once here for the kernels;
+    `threads` (default: the available cores) sets the kernels' parallelism.
+    """
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], *, threads: int | None = None):
+        self.config = c = config
+        max_threads = numba.config.NUMBA_NUM_THREADS
+        if threads is not None and not 1 <= threads <= max_threads:
+            raise LlamacpuError(f"threads must be between 1 and {max_threads}, got {threads}")
+        self.threads = threads or default_threads()
+        self.thread_chooser = ThreadChooser(self.threads)  # decode steps
+        self._prefilled = False  # the first prefill also loads kernels: its first layers are not timed
         self.embed = tensors["embed"]  # (V, D)
         self.norm = tensors["norm"].dequantize()  # (D,)
-        self.output = tensors["embed"] if c.tie_word_embeddings else tensors["output"]  # (V, D)
+        output = tensors["embed"] if c.tie_word_embeddings else tensors["output"]  # (V, D)
         freqs = tensors.get("rope_freqs")
         self.inv_freq = c.rope_inv_freq(None if freqs is None else freqs.dequantize())  # (hd/2,)
-        self.layers = []
-        for i in range(c.num_hidden_layers):
-            t = {name: tensors[f"layers.{i}.{name}"] for name in Layer.__dataclass_fields__}
-            t["attn_norm"] = t["attn_norm"].dequantize()
-            t["mlp_norm"] = t["mlp_norm"].dequantize()
-            self.layers.append(Layer(**t))
+        # (P, hd/2) tables; grown on demand (a 128k-context model's full table would be ~64 MB)
+        self.cos, self.sin = rope_tables(self.inv_freq, min(c.max_position_embeddings, ROPE_TABLE_START))
+
+        layer_t = [{n: tensors[f"layers.{i}.{n}"] for n in
+                    ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
+                   for i in range(c.num_hidden_layers)]
+        matrices = [t[n] for t in layer_t for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        self.decode_weights: DecodeWeights | None = None
+        if all(m.fmt in BLOCK_BYTES for m in matrices + [output]):
+            self._build_packed(layer_t, output)
+        else:  # dense (f32/f16) weights: the reference path, numpy throughout
+            self.output = Linear(output, self.threads)
+            self.layers = [Layer(attn_norm=t["attn_norm"].dequantize(),
+                                 qkv=[Linear(t[n], self.threads) for n in ("wq", "wk", "wv")],
+                                 wo=Linear(t["wo"], self.threads),
+                                 mlp_norm=t["mlp_norm"].dequantize(),
+                                 gate_up=[Linear(t[n], self.threads) for n in ("w_gate", "w_up")],
+                                 w_down=Linear(t["w_down"], self.threads)) for t in layer_t]
+        widest = max(lin.out_features * lin.in_features for layer in self.layers
+                     for lin in (*layer.qkv, layer.wo, *layer.gate_up, layer.w_down))
+        self._panel = np.empty(widest, dtype=np.float32)  # reused by prefill's dequantized matrices
+
+    def _build_packed(self, layer_t: list[dict[str, QTensor]], output: QTensor) -> None:
+        stacks = {
+            "qkv": pack_stack([[t["wq"], t["wk"], t["wv"]] for t in layer_t]),
+            "wo": pack_stack([[t["wo"]] for t in layer_t]),
+            "gate_up": pack_stack([[t["w_gate"], t["w_up"]] for t in layer_t]),
+            "w_down": pack_stack([[t["w_down"]] for t in layer_t]),
+        }
+        attn_norm = np.stack([t["attn_norm"].dequantize() for t in layer_t]).astype(np.float32)
+        mlp_norm = np.stack([t["mlp_norm"].dequantize() for t in layer_t]).astype(np.float32)
+        head = pack(output)
+        self.decode_weights = DecodeWeights(**stacks, head=head, attn_norm=attn_norm, mlp_norm=mlp_norm)
+        self.output = Linear(head, self.threads)
+        self.layers = [Layer(attn_norm=attn_norm[i], qkv=[Linear(stacks["qkv"][i], self.threads)],
+                             wo=Linear(stacks["wo"][i], self.threads), mlp_norm=mlp_norm[i],
+                             gate_up=[Linear(stacks["gate_up"][i], self.threads)],
+                             w_down=Linear(stacks["w_down"][i], self.threads))
+                       for i in range(len(layer_t))]
+
+    @property
+    def packed_bytes(self) -> int:
+        """RAM held by weights repacked at load (0 for the dense path)."""
+        w = self.decode_weights
+        return 0 if w is None else sum(p.nbytes for p in (w.qkv, w.wo, w.gate_up, w.w_down, w.head))
 
     def new_cache(self, max_seq: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, max_seq or self.config.max_position_embeddings, dtype)
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens (T,) → (T, D), dequantizing only the rows used."""
+        """tokens (T,) → (T, D) f32, dequantizing only the rows used."""
         e = self.embed
         rows = np.asarray(e.data[tokens])
-        return dequantize(e.fmt, rows, (len(tokens), e.cols))
+        return np.ascontiguousarray(dequantize(e.fmt, rows, (len(tokens), e.cols)), dtype=np.float32)
+
+    def _check(self, tokens, cache: KVCache) -> np.ndarray:
+        c = self.config
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise LlamacpuError("forward needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise LlamacpuError(f"token id out of range [0, {c.vocab_size})")
+        expected = (c.num_hidden_layers, cache.max_seq, c.num_key_value_heads, c.head_dim)
+        if cache.k.shape != expected or cache.v.shape != expected or cache.k.dtype != cache.v.dtype:
+            raise LlamacpuError("the KV cache was made for another model")
+        if cache.pos + len(tokens) > cache.max_seq:
+            raise LlamacpuError(f"context is full: {cache.pos} + {len(tokens)} tokens exceed {cache.max_seq}")
+        if cache.pos + len(tokens) > len(self.cos):  # the kernels index cos/sin by position
+            self.cos, self.sin = rope_tables(self.inv_freq, max(cache.max_seq, 2 * len(self.cos)))
+        return tokens
 
     def forward(self, tokens, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` (T,) at positions cache.pos.., append their K/V to `cache`.
 
         Returns logits (T, V) if `all_logits`, else (V,) for the last token only.
         """
+        tokens = self._check(tokens, cache)
+        numba.set_num_threads(self.threads)
+        if len(tokens) == 1 and self.decode_weights is not None:
+            logits = self._decode(tokens, cache)
+            return logits[None] if all_logits else logits
+        return self._prefill(tokens, cache, all_logits)
+
+    def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One token through the fused kernel → logits (V,)."""
+        c, w = self.config, self.decode_weights
+        x = self.embed_tokens(tokens)[0]  # (D,)
+        logits = np.empty(c.vocab_size, dtype=np.float32)  # (V,)
+        k, v = cache.kernel_views()
+        nt = self.thread_chooser.pick()
+        numba.set_num_threads(nt)
+        t0 = time.perf_counter()
+        kernels.decode_step(
+            x, cache.pos, w.attn_norm, w.mlp_norm, self.norm,
+            w.qkv.w, w.qkv.d, w.qkv.m, w.qkv.bits, w.wo.w, w.wo.d, w.wo.m, w.wo.bits,
+            w.gate_up.w, w.gate_up.d, w.gate_up.m, w.gate_up.bits,
+            w.w_down.w, w.w_down.d, w.w_down.m, w.w_down.bits,
+            w.head.w, w.head.d, w.head.m, w.head.bits,
+            k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
+            float(c.rms_norm_eps), nt, logits)
+        self.thread_chooser.record(nt, time.perf_counter() - t0)
+        cache.pos += 1
+        return logits
+
+    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """RMSNorm of x (T, D) by weight (D,)."""
+        out = np.empty_like(x)
+        kernels.rms_norm(x, weight, float(self.config.rms_norm_eps), out)
+        return out
+
+    def _project(self, group: list[Linear], h: np.ndarray) -> np.ndarray:
+        """h (T, D) through fused (or side-by-side) matrices → (T, sum of their rows)."""
+        outs = [lin(h, self._panel) for lin in group]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+
+    def _prefill(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        T = len(tokens)
-        if T == 0:
-            raise LlamacpuError("forward needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise LlamacpuError(f"token id out of range [0, {c.vocab_size})")
+        T, H, Hkv, hd, F = len(tokens), c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
         start = cache.pos
-        if start + T > cache.max_seq:
-            raise LlamacpuError(f"context is full: {start} + {T} tokens exceed {cache.max_seq}")
-        positions = np.arange(start, start + T)
+        S = start + T
         x = self.embed_tokens(tokens)  # (T, D)
+        # Thread count chosen per layer by timing (layers cost the same): BLAS and kernels
+        # collapse with 2 threads when the other core is busy. Fresh per call, as T varies.
+        chooser = ThreadChooser(self.threads, warmed=self._prefilled)
+        self._prefilled = True
         for li, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)  # (T, D)
-            q = linear(h, layer.wq).reshape(T, c.num_attention_heads, c.head_dim)  # (T, H, hd)
-            k = linear(h, layer.wk).reshape(T, c.num_key_value_heads, c.head_dim)  # (T, Hkv, hd)
-            v = linear(h, layer.wv).reshape(T, c.num_key_value_heads, c.head_dim)  # (T, Hkv, hd)
-            q = rope(q, positions, self.inv_freq)
-            k = rope(k, positions, self.inv_freq)
-            cache.k[li, start:start + T] = k
-            cache.v[li, start:start + T] = v
-            ks = cache.k[li, :start + T].astype(np.float32, copy=False)  # (S, Hkv, hd)
-            vs = cache.v[li, :start + T].astype(np.float32, copy=False)
+            nt = chooser.pick()
+            numba.set_num_threads(nt)
+            set_blas_threads(nt)
+            t0 = time.perf_counter()
+            h = self._norm(x, layer.attn_norm)  # (T, D)
+            qkv = self._project(layer.qkv, h)  # (T, H*hd + 2*Hkv*hd)
+            q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
+            k = np.ascontiguousarray(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, Hkv, hd))  # (T, Hkv, hd)
+            v = qkv[:, c.q_dim + c.kv_dim:].reshape(T, Hkv, hd)  # (T, Hkv, hd)
+            kernels.rope(q, self.cos, self.sin, start)
+            kernels.rope(k, self.cos, self.sin, start)
+            cache.k[li, start:S] = k
+            cache.v[li, start:S] = v
+            ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
+            vs = cache.v[li, :S].astype(np.float32, copy=False)
             a = attention(q, ks, vs, start).reshape(T, c.q_dim)  # (T, H*hd)
-            x = x + linear(a, layer.wo)  # (T, D)
-            h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
-            g = linear(h, layer.w_gate)  # (T, F)
-            u = linear(h, layer.w_up)  # (T, F)
-            x = x + linear(g / (1.0 + np.exp(-g)) * u, layer.w_down)  # SwiGLU: silu(g) * u
-        cache.pos = start + T
+            x += layer.wo(a, self._panel)  # (T, D)
+            h = self._norm(x, layer.mlp_norm)
+            gu = self._project(layer.gate_up, h)  # (T, 2F): gate | up
+            g, u = gu[:, :F], gu[:, F:]
+            x += layer.w_down(g / (1.0 + np.exp(-g)) * u, self._panel)  # SwiGLU: silu(g) * u
+            chooser.record(nt, time.perf_counter() - t0)
+        numba.set_num_threads(self.threads)
+        set_blas_threads(self.threads)
+        cache.pos = S
         if not all_logits:
             x = x[-1:]
-        logits = linear(rms_norm(x, self.norm, c.rms_norm_eps), self.output)  # (T, V)
+        logits = self.output(self._norm(np.ascontiguousarray(x), self.norm), self._panel)  # (T, V)
         return logits if all_logits else logits[0]

@@ -108,7 +108,7 @@ class SafetensorsFile:
         return np.asarray(raw, dtype=np.float32)
 
 
-def _shard_files(folder: Path) -> list[Path]:
+def shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -141,7 +141,7 @@ def load_hf(folder: Path, *, dequantize: bool = True) -> Checkpoint:
     folder = Path(folder)
     config = ModelConfig.from_hf(read_config(folder))
     where: dict[str, tuple[SafetensorsFile, str]] = {}
-    for f in _shard_files(folder):
+    for f in shard_files(folder):
         st = SafetensorsFile(f)
         for key in st.keys():
             if IGNORED.match(key):
