@@ -127,34 +127,43 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
 
 
 class ThreadChooser:
-    """Picks the decode step's thread count: `threads`, or 1 when that measures faster.
+    """Picks the decode step's thread count: `threads`, or 1 when that measures clearly faster.
 
     On a shared machine a parallel region waits for its slowest thread, and with the other
-    core busy 2-thread decoding was measured 4-7x *slower* than 1 thread. So steps are
-    timed: each option is tried first, then the faster one (by a moving average) is used,
-    and the other is re-tried now and then in case the load changed. A re-try that loses
-    doubles the interval to the next (up to MAX_PROBE_EVERY), as a collapsed step is costly.
+    core busy 2-thread decoding was measured 4-7x *slower* than 1 thread (on a quiet machine
+    it is ~1.7x faster). So steps are timed: each option is tried first, then the faster one
+    is used and the other re-tried now and then in case the load changed. An option's speed
+    is the minimum of its last RECENT timings (noise only ever adds time); 1 thread must win
+    by MARGIN to be chosen. A re-try that loses doubles the interval to the next, up to
+    MAX_PROBE_EVERY, as a collapsed step is costly.
     """
 
     PROBE_EVERY = 32
     MAX_PROBE_EVERY = 1024
-    SMOOTHING = 0.5  # weight of the newest timing in the moving average
+    RECENT = 4
+    MARGIN = 0.8  # 1 thread is chosen when it takes under 80% of the time of `threads`
 
     def __init__(self, threads: int, warmed: bool = False):
         self.options = [threads, 1] if threads > 1 else [1]
-        self.seconds: dict[int, float] = {}
+        self.timings: dict[int, list[float]] = {n: [] for n in self.options}
         # an option's first step (kernel loading) is not timed, unless `warmed`
         self.warmed: set[int] = set(self.options) if warmed else set()
         self.probe_every = self.PROBE_EVERY
         self.next_probe = self.PROBE_EVERY
         self.steps = 0
 
+    def seconds(self, n: int) -> float:
+        return min(self.timings[n])
+
     def best(self) -> int:
-        return min(self.options, key=lambda n: self.seconds.get(n, 0.0))
+        if len(self.options) == 1:
+            return self.options[0]
+        many, one = self.options
+        return one if self.seconds(one) < self.MARGIN * self.seconds(many) else many
 
     def pick(self) -> int:
         self.steps += 1
-        untried = [n for n in self.options if n not in self.seconds]
+        untried = [n for n in self.options if not self.timings[n]]
         if untried:
             return untried[0]
         best = self.best()
@@ -166,12 +175,14 @@ class ThreadChooser:
         if threads not in self.warmed:
             self.warmed.add(threads)
             return
-        if len(self.seconds) == len(self.options) and self.steps >= self.next_probe:  # a probe
-            won = seconds < self.seconds[self.best()]
+        probing = all(self.timings.values()) and threads != self.best()
+        recent = self.timings[threads]
+        recent.append(seconds)
+        del recent[:-self.RECENT]
+        if probing:
+            won = self.best() == threads
             self.probe_every = self.PROBE_EVERY if won else min(2 * self.probe_every, self.MAX_PROBE_EVERY)
             self.next_probe = self.steps + self.probe_every
-        old = self.seconds.get(threads)
-        self.seconds[threads] = seconds if old is None else old + self.SMOOTHING * (seconds - old)
 
 
 def default_threads() -> int:

@@ -205,7 +205,7 @@ def _tensor(f: GGUFFile, t: TensorInfo, name: str, notices: list[str], dequantiz
     if dequantize or len(shape) == 1:
         return QTensor("f32", shape, np.ascontiguousarray(w))
     target = "q8_0" if shape[-1] % BLOCK == 0 else "f16"
-    notices.append(f"{name}: {qtype.name} transcoded to {target} at load")
+    notices.append(f"{qtype.name}→{target}")
     return quantize(w, target)
 
 
@@ -223,6 +223,11 @@ def load_gguf(path: Path, *, dequantize: bool = False) -> Checkpoint:
         infos[ours] = t
     config = ModelConfig.from_gguf(f.meta, tied="output" not in infos)
     check_tensors(config, infos, lambda t: t.shape, str(path))
-    notices: list[str] = []
-    tensors = {name: _tensor(f, t, name, notices, dequantize) for name, t in infos.items()}
+    transcoded: list[str] = []
+    tensors = {name: _tensor(f, t, name, transcoded, dequantize) for name, t in infos.items()}
+    notices = []
+    if transcoded:  # one line for the whole file, e.g. "transcoded at load: 168 × Q6_K→q8_0"
+        counts = {k: transcoded.count(k) for k in sorted(set(transcoded))}
+        notices.append("transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
+                       "does it once): " + ", ".join(f"{n} × {k}" for k, n in counts.items()))
     return Checkpoint(config=config, tensors=tensors, source=path, meta=f.meta, notices=notices)
