@@ -83,7 +83,7 @@ def _llama_cpp_without_amx():
 
 def bench_llama_cpp(path: Path, args) -> dict:
     import llama_cpp
-    if not args.llama_cpp_extra_bufts:
+    if args.no_llama_cpp_extra_bufts:
         _llama_cpp_without_amx()
     n_ctx = args.prompt_tokens + args.gen_tokens + 8
     t0 = time.perf_counter()
@@ -145,8 +145,9 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--hf-gen-tokens", type=int, default=32, help="transformers decodes fewer (it is slow)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--llama-cpp-extra-bufts", action="store_true",
-                    help="keep llama.cpp's AMX/repack buffers (crashes with SIGILL on this VM)")
+    ap.add_argument("--no-llama-cpp-extra-bufts", action="store_true",
+                    help="switch off llama.cpp's repack buffers: only for a native build that "
+                         "enabled AMX, which SIGILLs here (`make` builds the peer without AMX)")
     ap.add_argument("--skip", default="", help="comma list of engines to skip: llamacpu,llama.cpp,transformers")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))

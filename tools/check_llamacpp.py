@@ -16,9 +16,9 @@ top-1 agreement against the f32 file.
 
     .venv/bin/python tools/check_llamacpp.py --quality [--chunks 4] [--ctx 512]
 
-llama.cpp's AMX weight repacking ("extra buffer types") is switched off by default: on this
-VM the CPU reports AMX but executing tile instructions raises SIGILL. Repacking changes speed,
-not results. --extra-bufts turns it back on.
+`make` builds the llama.cpp peer portably without AMX: on this VM the CPU reports AMX but tile
+instructions raise SIGILL. For a native build, --no-extra-bufts switches off llama.cpp's weight
+repacking ("extra buffer types"), which avoids AMX; repacking changes speed, not results.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def check_tokens(args) -> int:
     rt = open_model(out)
     prompt = rt.template.render([{"role": "user", "content": args.prompt}])
     ids = rt.tokenizer.encode(prompt)
-    llm = load_llama_cpp(out, n_ctx=len(ids) + args.tokens, extra_bufts=args.extra_bufts)
+    llm = load_llama_cpp(out, n_ctx=len(ids) + args.tokens, extra_bufts=not args.no_extra_bufts)
     theirs_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=rt.tokenizer.add_bos, special=True)
     print(f"prompt: {len(ids)} tokens; llama.cpp tokenizes it {'identically' if theirs_ids == ids else 'DIFFERENTLY'}")
     ours, ours_logits = greedy_llamacpu(rt, ids, args.tokens)
@@ -202,7 +202,8 @@ def main() -> int:
     ap.add_argument("--quality", action="store_true", help="compare perplexity of our quantizers and llama.cpp's")
     ap.add_argument("--chunks", type=int, default=4, help="perplexity chunks (--quality)")
     ap.add_argument("--ctx", type=int, default=512, help="perplexity chunk length (--quality)")
-    ap.add_argument("--extra-bufts", action="store_true", help="let llama.cpp repack weights (AMX etc.)")
+    ap.add_argument("--no-extra-bufts", action="store_true",
+                    help="stop llama.cpp repacking weights (for a native build with AMX)")
     args = ap.parse_args()
     if args.model is None:
         args.model = fetch(SMOLLM2, ROOT / ".cache" / "models")

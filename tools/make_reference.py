@@ -36,7 +36,6 @@ It is deterministic (fixed seeds, fixed prompts) and overwrites its outputs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
+from llamacpu.fetch import sha256_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,14 +68,6 @@ FULL_LOGITS_MAX_BYTES = 20 * 1024 * 1024
 
 def _command() -> str:
     return "python tools/make_reference.py " + " ".join(sys.argv[1:])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -249,7 +241,7 @@ def make_smollm2(model_path: Path, out_dir: Path, crosscheck: bool) -> None:
         "made_by": "tools/make_reference.py (transformers GGUF loader, torch CPU float32)",
         "versions": _versions(),
         "model_file": name,
-        "model_sha256": _sha256(model_path),
+        "model_sha256": sha256_of(model_path),
         "attn_implementation": cfg._attn_implementation,
         "tokenizer": "llama-cpp-python Llama(vocab_only=True).tokenize(rendered, add_bos=False, special=True)",
         "chat_template": "transformers apply_chat_template(add_generation_prompt=True) of the GGUF's template",

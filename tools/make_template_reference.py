@@ -12,10 +12,10 @@ Run from the repo root (needs the `reference` extra: torch, transformers, accele
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
+from llamacpu.fetch import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,14 +92,6 @@ CONVERSATIONS = {
 }
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
@@ -146,7 +138,7 @@ def main() -> int:
     data = {
         "command": COMMAND,
         "oracle": f"transformers {transformers.__version__} apply_chat_template(tokenize=False)",
-        "model": {"file": MODEL.name, "sha256": sha256(MODEL)},
+        "model": {"file": MODEL.name, "sha256": sha256_of(MODEL)},
         "templates": templates,
     }
     OUT.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

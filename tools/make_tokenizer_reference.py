@@ -15,11 +15,11 @@ Run from the repo root (needs the `bench` extra: llama-cpp-python):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+from llamacpu.fetch import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,14 +54,6 @@ TEXTS = [
     "<s>hi</s> <unk>", CHATML_PROMPT,
 ]
 SPECIAL_TEXTS = [t for t in TEXTS if "<|" in t or "<s>" in t]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_vocab(path: Path):
@@ -175,8 +167,8 @@ def main() -> int:
         data = {
             "command": COMMAND,
             "oracles": {"llama_cpp_python": llama_cpp.__version__, "sentencepiece": sentencepiece.__version__},
-            "model": {"file": SMOLLM2.name, "sha256": sha256(SMOLLM2)},
-            "spm_model": {"file": SPM_MODEL.name, "sha256": sha256(SPM_MODEL)},
+            "model": {"file": SMOLLM2.name, "sha256": sha256_of(SMOLLM2)},
+            "spm_model": {"file": SPM_MODEL.name, "sha256": sha256_of(SPM_MODEL)},
             "cases": smollm2_cases(),
             "pre_variants": pre_variant_cases(Path(tmp)),
             "spm_cases": spm_cases(Path(tmp)),
