@@ -453,3 +453,19 @@ def test_perplexity_on_the_real_model(smollm2_path, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ppl: " in out and "tokens: 31" in out
     assert cli.main(["perplexity", str(smollm2_path), str(tmp_path / "missing.txt")]) == 2
+
+
+def test_unsupported_architecture_and_non_model_files(tmp_path, capsys, monkeypatch):
+    from tiny import random_tensors, tiny_config, write_gguf, write_hf
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    c = tiny_config()
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", c, random_tensors(c), arch="gpt2")
+    qwen = write_hf(tmp_path / "qwen", c, random_tensors(c), arch="Qwen2ForCausalLM")
+    text = tmp_path / "notes.txt"
+    text.write_text("just some text, not a model\n")
+    for path, message in [(gpt2, "unsupported GGUF architecture 'gpt2'"),
+                          (qwen, "unsupported architecture 'Qwen2ForCausalLM'"),
+                          (text, "not a readable GGUF")]:
+        assert cli.main(["run", str(path), "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
