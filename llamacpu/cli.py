@@ -535,13 +535,17 @@ def convert(
     src: Annotated[str, typer.Argument(help="A GGUF file or a Hugging Face folder.")],
     out: Annotated[str, typer.Option("--out", "-o", help="The GGUF file to write.")],
     quant: Annotated[str, typer.Option(help="Target format: q8_0, q4_0, q4_1, f16 or f32.")] = "q8_0",
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate/--no-calibrate",
+        help="q4_0/q4_1: weight the scale search by statistics of text the model samples itself "
+             "(seeded); --no-calibrate estimates them from the weights alone (faster).")] = True,
     as_json: AsJson = False,
 ) -> None:
     """Write a model as a packed GGUF file in one quantized format."""
     from .convert import convert_model
     progress = _convert_progress_callback()
     try:
-        report = convert_model(Path(src), Path(out), quant=quant, progress=progress)
+        report = convert_model(Path(src), Path(out), quant=quant, progress=progress, calibrate=calibrate)
     finally:
         if progress is not None:
             progress.close()

@@ -15,7 +15,10 @@ Which format each tensor gets (`tensor_format`):
 - A matrix whose row length isn't a multiple of 32 can't be blocked: it falls back to f16
   and is listed in `ConvertReport.fallback`.
 For q4_0/q4_1, each block's scale search (`quant.py`) weights the error of input column j by an
-estimate of E[h_j^2] for that matrix's input, derived from the weights (`input_importance`).
+estimate of E[h_j^2] for that matrix's input. By default that is measured on ~1k tokens the
+model samples itself from its f32 weights (`calibrate.self_calibrate`, seeded, so conversion
+is deterministic); with `calibrate=False`, or for a model too large to run in f32 here
+(over CALIBRATION_MAX_PARAMS), it is derived from the weights alone (`input_importance`).
 
 Weights are produced one tensor at a time (a GGUF source is dequantized tensor by tensor
 from its mmap; a tensor already in the target format is copied as is) and streamed to a
@@ -56,14 +59,18 @@ class ConvertReport:
     bytes_written: int = 0
     seconds: float = 0.0
     formats: dict[str, int] = field(default_factory=dict)  # tensor count per stored format
+    importance: str | None = None  # 4-bit column importance: "self-calibrated", "weights-only", None
 
 
 def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
-                  progress: Callable[[int, int, str], None] | None = None) -> ConvertReport:
+                  progress: Callable[[int, int, str], None] | None = None, *,
+                  calibrate: bool = True) -> ConvertReport:
     """Convert the HF folder or GGUF file `src` into a GGUF file `out` with weights in `quant`.
 
     quant: one of f32, f16, q8_0, q4_0, q4_1. progress(done, total, tensor_name) is called
-    after each tensor is written. Raises LlamacpuError on bad input or a failed write.
+    after each tensor is written. calibrate: for q4_0/q4_1, weight the scale search by input
+    statistics the model's own samples give (False: estimated from the weights alone).
+    Raises LlamacpuError on bad input or a failed write.
     """
     import gguf
 
@@ -82,7 +89,7 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
         # The loader transcoded tensors it can't run (K-quants...) to q8_0; quantizing those again
         # would stack two roundings, so read every weight as f32 instead (in memory, not mmap).
         ckpt = load_checkpoint(src, dequantize=True)
-    plan = _plan(ckpt, quant)
+    plan, importance = _plan(ckpt, quant, calibrate)
     meta = _metadata(ckpt, quant)
 
     # A unique hidden name beside OUT (same filesystem, so the final rename is atomic); the
@@ -125,7 +132,7 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
     return ConvertReport(out=out, quant=quant, n_tensors=len(plan),
                          fallback=[p.name for p in plan if p.fallback],
                          bytes_written=out.stat().st_size, seconds=time.perf_counter() - t0,
-                         formats=formats)
+                         formats=formats, importance=importance)
 
 
 # ---- which tensors, in which format --------------------------------------------------------
@@ -161,7 +168,14 @@ def tensor_format(name: str, shape: tuple[int, ...], quant: str, *, tied: bool) 
     return quant, False
 
 
-def _plan(ckpt: Checkpoint, quant: str) -> list[_Planned]:
+# Self-calibration runs the model in f32 with every weight dequantized at once, about 1k tokens:
+# ~12 s and 0.6 GB for SmolLM2's 135M parameters. Beyond this size (4 GB of f32 weights, minutes
+# of compute) the weights-only estimate is used instead.
+CALIBRATION_MAX_PARAMS = 1_000_000_000
+
+
+def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_Planned], str | None]:
+    """The tensors to write, in order, and which 4-bit importance their search uses (None: no search)."""
     c = ckpt.config
     tensors = dict(ckpt.tensors)
     if c.rope_scaling is not None and "rope_freqs" not in tensors:
@@ -175,7 +189,13 @@ def _plan(ckpt: Checkpoint, quant: str) -> list[_Planned]:
     formats = {n: tensor_format(n, tensors[n].shape, quant, tied=c.tie_word_embeddings) for n in names}
     # Importance only matters where a 4-bit search will run (a same-format tensor is copied).
     searched = any(f in ("q4_0", "q4_1") and tensors[n].fmt != f for n, (f, _) in formats.items())
-    importance = input_importance(tensors, c) if searched else {}
+    importance, how = {}, None
+    if searched:
+        n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
+        if calibrate and n_params <= CALIBRATION_MAX_PARAMS:
+            importance, how = calibrated_importance(tensors, c), "self-calibrated"
+        else:
+            importance, how = input_importance(tensors, c), "weights-only"
     plan = []
     for name in names:
         src = tensors[name]
@@ -183,17 +203,17 @@ def _plan(ckpt: Checkpoint, quant: str) -> list[_Planned]:
         imp = importance.get(name) if fmt in ("q4_0", "q4_1") else None
         plan.append(_Planned(name, to_gguf_name(name), src.shape, fmt, fallback,
                              make=lambda s=src, f=fmt, i=imp: _convert_tensor(s, f, i)))
-    return plan
+    return plan, how
 
 
-def quantize_checkpoint(ckpt: Checkpoint, quant: str) -> Checkpoint:
+def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = True) -> Checkpoint:
     """`ckpt` with every tensor in the format `convert_model` would write, held in memory.
 
     This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
     """
     if quant not in FORMATS:
         raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(FORMATS)}")
-    plan = _plan(ckpt, quant)
+    plan, _ = _plan(ckpt, quant, calibrate)
     notices = list(ckpt.notices) + [
         f"{p.name}: row length {p.shape[-1]} is not a multiple of {BLOCK}; kept as f16"
         for p in plan if p.fallback]
@@ -204,6 +224,22 @@ def _convert_tensor(src: QTensor, fmt: str, importance: np.ndarray | None) -> QT
     if src.fmt == fmt:  # same format: the bytes are already right
         return src
     return quantize(src.dequantize(), fmt, importance)
+
+
+def calibrated_importance(tensors: dict[str, QTensor], config) -> dict[str, np.ndarray]:
+    """Column importance (cols,) of every layer matrix, each normalised to mean 1, from the
+    model's own samples (`calibrate.self_calibrate`, seed 0, starting from BOS)."""
+    from .calibrate import self_calibrate
+
+    start = config.bos_token_id if config.bos_token_id is not None else 0
+    _, moments, _ = self_calibrate(tensors, config, start=start)
+    return _normalised(moments)
+
+
+def _normalised(importance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each importance vector scaled to mean 1, float32; degenerate ones (all zero, not finite) dropped."""
+    return {name: (v / v.mean()).astype(np.float32) for name, v in importance.items()
+            if np.isfinite(v).all() and v.mean() > 0}
 
 
 # Column importance for the 4-bit scale search: E[h_j^2] for the input h of each y = W h, from the
@@ -219,7 +255,8 @@ def _convert_tensor(src: QTensor, fmt: str, importance: np.ndarray | None) -> QT
 #              Gaussian with variances from Wg^2, Wu^2;  then s += Wd^2 @ E[h]
 # The s / mean(s) factor carries the residual stream's outlier channels, which make some input
 # columns far more important than others. On SmolLM2 (4 × 512 tokens of prose) q4_0's KL from
-# f32 went 0.298 → 0.233 nats against weighting by the norm gains alone (tools/check_llamacpp.py --quality).
+# f32 went 0.298 → 0.233 nats against weighting by the norm gains alone (tools/check_llamacpp.py --quality);
+# self-calibration (the default) takes it to about 0.17.
 
 def input_importance(tensors: dict[str, QTensor], config) -> dict[str, np.ndarray]:
     """Column importance (cols,) of every layer matrix, each normalised to mean 1."""
@@ -250,8 +287,7 @@ def input_importance(tensors: dict[str, QTensor], config) -> dict[str, np.ndarra
         out[p + "w_down"] = _silu_second_moment((wg * wg) @ h_mlp) * ((wu * wu) @ h_mlp)  # (F,)
         wd = f64(p + "w_down")
         s = s + (wd * wd) @ out[p + "w_down"]
-    return {name: (v / v.mean()).astype(np.float32) for name, v in out.items()
-            if np.isfinite(v).all() and v.mean() > 0}
+    return _normalised(out)
 
 
 def _silu_second_moment(var: np.ndarray) -> np.ndarray:

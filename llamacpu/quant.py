@@ -16,8 +16,8 @@ scale (and, for Q4_1, the minimum) that minimises the *weighted* squared error
 sum_i a_i (x_i - x̂_i)^2 instead of taking amax/-8 or min/max: with 16 levels, letting the
 largest weight clip slightly buys finer steps for the other 31. The weights `a` are an
 optional importance per element: the output error of y = W h is sum_j e_j h_j, so an error
-in input column j costs in proportion to E[h_j^2]; `convert.input_importance` estimates that
-from the weights alone (no calibration data).
+in input column j costs in proportion to E[h_j^2]; `calibrate.self_calibrate` measures that on
+text the model samples itself, `convert.input_importance` estimates it from the weights alone.
 """
 
 from __future__ import annotations

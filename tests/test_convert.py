@@ -292,3 +292,51 @@ def test_metadata_types():
     carried = convert._carried_gguf_metadata({"general.tags": [[1]], "general.file_type": 2,
                                               "tokenizer.ggml.merges": [], "general.name": "x"})
     assert carried == {"general.name": ("x", T.STRING, None)}
+
+
+def tiny_model_tensors(seed=3):
+    from llamacpu.quant import QTensor
+    c = tiny_config(bos_token_id=1)
+    raw = random_tensors(c, seed=seed)
+    return c, raw, {k: QTensor("f32", v.shape, v) for k, v in raw.items()}
+
+
+def test_self_calibration_forward_and_moments():
+    from llamacpu.calibrate import self_calibrate
+    from llamacpu.model import Model
+    c, raw, t = tiny_model_tensors()
+    tokens, moments, seen = self_calibrate(t, c, start=1, sequences=3, length=20, seed=0, capture_logits=True)
+    assert tokens.shape == (3, 20) and (tokens[:, 0] == 1).all() and seen.shape == (3, 20, c.vocab_size)
+    assert len(np.unique(tokens[:, 1:])) > 10  # sampled, not stuck on one token
+    # The batched step-by-step forward computes the model's logits (model.py's full forward).
+    model = Model(c, t, threads=1)
+    for b in range(3):
+        full = model.forward(tokens[b], model.new_cache(20), all_logits=True)
+        np.testing.assert_allclose(seen[b], full, rtol=1e-4, atol=1e-4)
+    # Layer 0's attention input is RMSNorm(embedding) * gain, whatever the sampled tokens are.
+    x = raw["embed"][tokens.reshape(-1)].astype(np.float64)
+    h = x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_norm_eps) * raw["layers.0.attn_norm"]
+    np.testing.assert_allclose(moments["layers.0.wq"], (h * h).mean(0), rtol=1e-5)
+    assert moments["layers.0.wk"] is moments["layers.0.wq"] and moments["layers.1.w_up"] is moments["layers.1.w_gate"]
+    assert {k: v.shape for k, v in moments.items()} == {
+        f"layers.{i}.{n}": ((c.intermediate_size,) if n == "w_down" else (c.q_dim,) if n == "wo" else (c.hidden_size,))
+        for i in range(2) for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+
+
+def test_self_calibration_is_deterministic():
+    c, _, t = tiny_model_tensors()
+    a = convert.calibrated_importance(t, c)
+    b = convert.calibrated_importance(t, c)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == np.float32 and abs(v.mean() - 1) < 1e-5 for v in a.values())
+    from llamacpu.calibrate import self_calibrate
+    other = self_calibrate(t, c, start=1, seed=1)[1]
+    assert not np.array_equal(other["layers.1.w_down"], self_calibrate(t, c, start=1, seed=0)[1]["layers.1.w_down"])
+
+
+def test_calibration_switch(hf_dir, tmp_path):
+    on = convert_model(hf_dir, tmp_path / "on.gguf", "q4_0")
+    off = convert_model(hf_dir, tmp_path / "off.gguf", "q4_0", calibrate=False)
+    assert (on.importance, off.importance) == ("self-calibrated", "weights-only")
+    assert convert_model(hf_dir, tmp_path / "q8.gguf", "q8_0").importance is None
+    assert (tmp_path / "on.gguf").read_bytes() == convert_model(hf_dir, tmp_path / "again.gguf", "q4_0").out.read_bytes()

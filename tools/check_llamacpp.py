@@ -9,16 +9,19 @@ counted as a failure. Any other difference is.
 
     .venv/bin/python tools/check_llamacpp.py [--model M] [--tokens 32] [--prompt TEXT]
 
---quality: convert to f32, q8_0, q4_0 and q4_1 with our quantizers, let llama.cpp make its own
-Q4_0 from our f32 file (`llama_model_quantize`), and compare them all by perplexity on the
-prose in tests/data/prose, every file run through llamacpu's model and tokenizer, with KL and
-top-1 agreement against the f32 file.
+--quality: convert to f32, q8_0, q4_0 and q4_1 with our quantizers (q4_0 twice: self-calibrated,
+the default, and with the weights-only importance of `convert_model(..., calibrate=False)`), let
+llama.cpp make its own Q4_0 from our f32 file (`llama_model_quantize`), and compare them all by
+perplexity on the prose in tests/data/prose, every file run through llamacpu's model and
+tokenizer, with KL and top-1 agreement against the f32 file. The prose is used for evaluation
+only: self-calibration samples its own text from the model.
 
     .venv/bin/python tools/check_llamacpp.py --quality [--chunks 4] [--ctx 512]
 
-`make` builds the llama.cpp peer portably without AMX: on this VM the CPU reports AMX but tile
-instructions raise SIGILL. For a native build, --no-extra-bufts switches off llama.cpp's weight
-repacking ("extra buffer types"), which avoids AMX; repacking changes speed, not results.
+`make` builds the llama.cpp peer portably without AMX (on this VM the CPU reports AMX but tile
+instructions raise SIGILL), so the default repacking is safe. Only for a native build with AMX,
+--no-extra-bufts switches off llama.cpp's weight repacking ("extra buffer types"); repacking
+changes speed, not results.
 """
 
 from __future__ import annotations
@@ -132,11 +135,14 @@ def check_quality(args) -> int:
 
     text = PROSE.read_text(encoding="utf-8")
     files = {}
-    for quant in ("f32", "q8_0", "q4_0", "q4_1"):
-        path = args.workdir / f"smollm2.{quant}.gguf"
-        r = convert_model(args.model, path, quant)
-        print(f"convert {quant}: {r.seconds:.1f} s, {r.bytes_written / 1e6:.1f} MB", flush=True)
-        files[f"{quant} (llamacpu)"] = path
+    for quant, name, calibrate in [("f32", "f32 (llamacpu)", True), ("q8_0", "q8_0 (llamacpu)", True),
+                                   ("q4_0", "q4_0 (llamacpu)", True), ("q4_0", "q4_0 (no calib)", False),
+                                   ("q4_1", "q4_1 (llamacpu)", True)]:
+        path = args.workdir / f"smollm2.{quant}{'' if calibrate else '.nocalib'}.gguf"
+        r = convert_model(args.model, path, quant, calibrate=calibrate)
+        how = f", importance {r.importance}" if r.importance else ""
+        print(f"convert {name}: {r.seconds:.1f} s, {r.bytes_written / 1e6:.1f} MB{how}", flush=True)
+        files[name] = path
     theirs = args.workdir / "smollm2.q4_0.llama-cpp.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
@@ -148,7 +154,8 @@ def check_quality(args) -> int:
         return 1
     print(f"llama.cpp quantize q4_0: {time.perf_counter() - t0:.1f} s", flush=True)
     files["q4_0 (llama.cpp)"] = theirs
-    rows = ["f32 (llamacpu)", "q8_0 (llamacpu)", "q4_0 (llamacpu)", "q4_0 (llama.cpp)", "q4_1 (llamacpu)"]
+    rows = ["f32 (llamacpu)", "q8_0 (llamacpu)", "q4_0 (llamacpu)", "q4_0 (no calib)", "q4_0 (llama.cpp)",
+            "q4_1 (llamacpu)"]
 
     reference = _Memo(open_model(files["f32 (llamacpu)"], dequantize=True))
     print(f"\nperplexity on {PROSE.name}, every file through llamacpu; KL and top-1 against the f32 file")
