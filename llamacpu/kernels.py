@@ -11,9 +11,12 @@ blocks is split into
     d  (R, C/32)       block scales, f16 bits in uint16 (as ggml stores them)
     m  (R, C/32)       block offsets, f16 bits, or (R, 0) when there are none (Q8_0, Q4_0)
 
-Activations are quantized to 8-bit blocks as llama.cpp does for its CPU dot products:
-xq (C,) int8, xd (C/32,) scale, xs (C/32,) = xd * sum(xq in block), so that a block's
-contribution is d * xd * sum(q * xq) + m * xs.
+Activations are quantized to blocks of 32 integers, as llama.cpp does for its CPU dot products:
+xq (C,) int8 or int16, xd (C/32,) scale, xs (C/32,) = xd * sum(xq in block), so that a block's
+contribution is d * xd * sum(q * xq) + m * xs. The kernels specialize on xq's dtype. int8 is
+ggml's Q8_0/Q8_1; its rounding moves SmolLM2's logits by up to ~1 (KL ~2e-3 per token) and
+flips greedy near-ties. int16 matches f32 activations (logit error ~5e-3), for ~4% more time
+per decode step: `model.py` uses int16 (see `tools/decode_quality.py`).
 
 Codegen notes, measured on this CPU:
 - int8 x int8 products are written `np.int32(...) * np.int32(...)` with the block length
@@ -143,13 +146,31 @@ def f32_to_f16(x, out):
 # Activation quantization and quantized matrix-vector products (decode).
 
 
-@njit(cache=True)
-def quantize_act_q8(x, xq, xd, xs):
-    """x (C,) f32 → 8-bit blocks: xq (C,) int8, xd (C/32,) scales, xs (C/32,) = xd * sum(xq).
+def act_qmax(xq):
+    """The largest quant of an activation array: 127 for int8, 32767 for int16."""
 
-    xd = amax / 127 per block, as ggml's Q8_0/Q8_1 activations."""
+
+@overload(act_qmax)
+def _act_qmax(xq):
+    if xq.dtype == types.int8:
+        return lambda xq: np.float32(127.0)
+    if xq.dtype == types.int16:
+        return lambda xq: np.float32(32767.0)
+    return None
+
+
+@njit(cache=True)
+def quantize_act(x, xq, xd, xs):
+    """x (C,) f32 → blocks of 32 quants: xq (C,) int8 or int16, xd (C/32,) scales,
+    xs (C/32,) = xd * sum(xq in block).
+
+    xd = amax / qmax per block (qmax 127 or 32767 by xq's dtype), quants rounded to nearest.
+    int8 is ggml's Q8_0/Q8_1 activation format (ggml then stores xd as f16; here it stays f32).
+    The rounding error is up to amax / (2 qmax) per element: ~1/254 of amax for int8, ~1/65534
+    for int16."""
     nb = np.uint64(xd.shape[0])
     bs = np.uint64(x.shape[0]) // nb
+    qmax = act_qmax(xq)
     for b in range(nb):
         base = b * bs
         amax = np.float32(0.0)
@@ -157,7 +178,7 @@ def quantize_act_q8(x, xq, xd, xs):
             a = abs(x[base + j])
             if a > amax:
                 amax = a
-        d = amax / np.float32(127.0)
+        d = amax / qmax
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
         s = np.int32(0)
         for j in range(bs):
@@ -209,7 +230,10 @@ def _f16_at(builder, ptr, index):
 
 @intrinsic
 def _dot_row_q8_avx2(typingctx, w, d, xq, xd, nb):
-    """sum_b d[b] xd[b] sum_j int8(w[32b+j]) xq[32b+j]; w (nb*32,) uint8, xq int8, d (nb,) f16 bits, xd f32."""
+    """sum_b d[b] xd[b] sum_j int8(w[32b+j]) xq[32b+j]; w (nb*32,) uint8, xq int8 or int16, d (nb,) f16 bits, xd f32."""
+    if xq.dtype == types.int16:
+        return types.float32(w, d, xq, xd, nb), _x16_codegen("q8")
+
     def codegen(context, builder, signature, args):
         A = signature.args
         wp = builder.bitcast(_data(context, builder, A[0], args[0]), _I8x32.as_pointer())
@@ -276,16 +300,71 @@ def _q4_codegen(with_m: bool):
     return codegen
 
 
+def _x16_codegen(kind: str):
+    """IR of a row dot with int16 activations, kind "q8", "q4_1" or "q4_0" (the same sums as the
+    int8 versions). x86 has no 8-bit x 16-bit product, so each block's 32 weights are widened
+    to two 16 x int16 vectors (sign-extended quants, or the zero-extended low and high nibbles,
+    which are elements 0..15 and 16..31) and vpmaddwd multiplies them with the activations into
+    8 int32 lanes (at most 4 * 127 * 32767 per lane: no overflow)."""
+    def codegen(context, builder, signature, args):
+        A = signature.args
+        with_m = kind == "q4_1"
+        i = 3 if with_m else 2  # index of xq in the signature
+        dp = _data(context, builder, A[1], args[1])
+        mp = _data(context, builder, A[2], args[2]) if with_m else None
+        xp = builder.bitcast(_data(context, builder, A[i], args[i]), _I16x16.as_pointer())
+        xdp = _data(context, builder, A[i + 1], args[i + 1])
+        xsp = None if kind == "q8" else _data(context, builder, A[i + 2], args[i + 2])
+        wp = builder.bitcast(_data(context, builder, A[0], args[0]),
+                             (_I8x32 if kind == "q8" else _I8x16).as_pointer())
+        maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+        low, four = ir.Constant(_I8x16, [15] * 16), ir.Constant(_I8x16, [4] * 16)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_F32x8, [0.0] * 8))
+        macc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
+        with cgutils.for_range(builder, args[-1]) as loop:
+            b = loop.index
+            wv = builder.load(builder.gep(wp, [b]), align=1)
+            if kind == "q8":
+                half = [ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(k, k + 16))) for k in (0, 16)]
+                lo, hi = (builder.sext(builder.shuffle_vector(wv, wv, h), _I16x16) for h in half)
+            else:
+                lo = builder.zext(builder.and_(wv, low), _I16x16)
+                hi = builder.zext(builder.lshr(wv, four), _I16x16)
+            b2 = builder.mul(b, ir.Constant(b.type, 2))
+            x_lo = builder.load(builder.gep(xp, [b2]), align=2)
+            x_hi = builder.load(builder.gep(xp, [builder.add(b2, ir.Constant(b.type, 1))]), align=2)
+            p = builder.add(builder.call(maddwd, [lo, x_lo]), builder.call(maddwd, [hi, x_hi]))
+            db = _f16_at(builder, dp, b)
+            s = builder.fmul(db, builder.load(builder.gep(xdp, [b])))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(p, _F32x8), _splat8(builder, s))),
+                          acc)
+            if kind != "q8":
+                mb = _f16_at(builder, mp, b) if with_m else db
+                builder.store(builder.fadd(builder.load(macc), builder.fmul(mb, builder.load(builder.gep(xsp, [b])))),
+                              macc)
+        total = _hsum8(builder, builder.load(acc))
+        if kind == "q8":
+            return total
+        offsets = builder.load(macc)
+        if with_m:
+            return builder.fadd(total, offsets)
+        return builder.fsub(total, builder.fmul(ir.Constant(ir.FloatType(), 8.0), offsets))
+    return codegen
+
+
 @intrinsic
 def _dot_row_q4_1_avx2(typingctx, w, d, m, xq, xd, xs, nb):
-    """sum_b (d[b] xd[b] sum_j q_j xq_j + m[b] xs[b]); q_j from ggml nibbles, w (nb*16,) uint8, d, m f16 bits."""
-    return types.float32(w, d, m, xq, xd, xs, nb), _q4_codegen(True)
+    """sum_b (d[b] xd[b] sum_j q_j xq_j + m[b] xs[b]); q_j from ggml nibbles, w (nb*16,) uint8, d, m f16 bits;
+    xq int8 or int16."""
+    sig = types.float32(w, d, m, xq, xd, xs, nb)
+    return sig, (_x16_codegen("q4_1") if xq.dtype == types.int16 else _q4_codegen(True))
 
 
 @intrinsic
 def _dot_row_q4_0_avx2(typingctx, w, d, xq, xd, xs, nb):
-    """sum_b d[b] (xd[b] sum_j q_j xq_j - 8 xs[b]): Q4_0's w = d (q - 8)."""
-    return types.float32(w, d, xq, xd, xs, nb), _q4_codegen(False)
+    """sum_b d[b] (xd[b] sum_j q_j xq_j - 8 xs[b]): Q4_0's w = d (q - 8); xq int8 or int16."""
+    sig = types.float32(w, d, xq, xd, xs, nb)
+    return sig, (_x16_codegen("q4_0") if xq.dtype == types.int16 else _q4_codegen(False))
 
 
 @njit(cache=True)
@@ -340,7 +419,7 @@ def matvec_q8_0(w, d, m, xq, xd, xs, y, nt):
     """y (R,) = W x, W in 8-bit blocks: w (R, C) uint8 (int8 quants), d (R, nb) f16 bits,
     m (R, nb) f16 bits or (R, 0): w = d q (+ m).
 
-    x is given as 8-bit blocks (see `quantize_act_q8`). Rows are split into `nt` chunks."""
+    x is given as 8- or 16-bit blocks (see `quantize_act`). Rows are split into `nt` chunks."""
     R = w.shape[0]
     nb = d.shape[1]
     has_m = m.shape[1] > 0
@@ -381,11 +460,12 @@ def matvec_q4_0(w, d, xq, xd, xs, y, nt):
 def matvec_blocks(w, d, m, bits, x, xq, xd, xs, y, nt):
     """y (R,) = W x for a packed block matrix of `bits` 8 or 4; quantizes x (C,) f32 first.
 
-    xq, xd, xs are scratch of at least C and C/32 entries."""
+    xq (int8 or int16: the activations' quant width), xd, xs are scratch of at least C and
+    C/32 entries."""
     n = x.shape[0]
     nb = n // BLOCK
     q, qd, qs = xq[:n], xd[:nb], xs[:nb]
-    quantize_act_q8(x, q, qd, qs)
+    quantize_act(x, q, qd, qs)
     if bits == 8:
         matvec_q8_0(w, d, m, q, qd, qs, y, nt)
     elif m.shape[1] > 0:
@@ -396,7 +476,7 @@ def matvec_blocks(w, d, m, bits, x, xq, xd, xs, y, nt):
 
 @njit(cache=True, parallel=True)
 def matmul_blocks(w, d, m, bits, xq, xd, xs, y, nt):
-    """y (T, R) = X W.T for a few rows of activations already in 8-bit blocks: xq (T, C) int8,
+    """y (T, R) = X W.T for a few rows of activations already in blocks: xq (T, C) int8 or int16,
     xd, xs (T, C/32). Each weight row is read once and dotted with every x row while it sits
     in L1, so short prompts skip the prefill path's dequantization of every weight."""
     R = w.shape[0]
@@ -565,7 +645,7 @@ def decode_step(x, pos, attn_norm, mlp_norm, norm,
                 qkv_w, qkv_d, qkv_m, qkv_bits, o_w, o_d, o_m, o_bits,
                 gu_w, gu_d, gu_m, gu_bits, dn_w, dn_d, dn_m, dn_bits,
                 head_w, head_d, head_m, head_bits,
-                cache_k, cache_v, cos, sin, n_heads, n_kv_heads, eps, nt, logits):
+                cache_k, cache_v, cos, sin, n_heads, n_kv_heads, eps, nt, xq, logits):
     """Run one token through every layer and the output head.
 
     x (D,) f32: the token's embedding, overwritten with the final residual stream.
@@ -573,7 +653,8 @@ def decode_step(x, pos, attn_norm, mlp_norm, norm,
     Per layer l (stacked weights, rows fused): qkv (L, H*hd + 2*Hkv*hd, D),
     o (L, D, H*hd), gate_up (L, 2F, D) with gate rows first, down (L, D, F).
     attn_norm, mlp_norm (L, D); norm (D,); head (V, D); cos, sin (max_pos, hd/2).
-    logits (V,) f32 is written. `*_bits` are 8 or 4 (see the module docstring)."""
+    logits (V,) f32 is written. `*_bits` are 8 or 4 (see the module docstring).
+    xq: scratch of at least max(D, F, H*hd) int8 or int16, the activations' quant width."""
     L = qkv_w.shape[0]
     D = x.shape[0]
     hd = cos.shape[1] * 2
@@ -581,7 +662,6 @@ def decode_step(x, pos, attn_norm, mlp_norm, norm,
     kvd = n_kv_heads * hd
     F = dn_w.shape[2] * (2 if dn_bits == 4 else 1)
     width = max(D, F, qd)
-    xq = np.empty(width, dtype=np.int8)
     xd = np.empty(width // BLOCK, dtype=np.float32)
     xs = np.empty(width // BLOCK, dtype=np.float32)
     h = np.empty((1, D), dtype=np.float32)

@@ -15,8 +15,9 @@ and q4_1 packs as q4_1 (m = -8 d, exact in f16); a group mixing 8-bit and 4-bit 
 widens the 4-bit members to 8-bit quants (q - 8, or q with their m): lossless, only bigger.
 The packed copy costs the weights' size in RAM once; the mmapped originals are then not read.
 
-Decode (one row) quantizes x to 8-bit blocks and runs the integer matvec kernel; prefill
-(T rows) dequantizes the matrix into a reused f32 panel and hands it to numpy's BLAS.
+Decode (one row) quantizes x to 8- or 16-bit blocks (`act_dtype` int8 or int16) and runs the
+integer matvec kernel; prefill (T rows) dequantizes the matrix into a reused f32 panel and hands
+it to numpy's BLAS.
 f32/f16 QTensors (the dequantized reference path) use numpy directly.
 """
 
@@ -33,7 +34,7 @@ from .errors import LlamacpuError
 from .quant import BLOCK, BLOCK_BYTES, FLOAT_DTYPES, QTensor
 
 FOUR_BIT = ("q4_0", "q4_1")
-# Up to this many rows, x is quantized to 8-bit blocks and multiplied by the integer kernel
+# Up to this many rows, x is quantized to integer blocks and multiplied by the integer kernel
 # (weights read once, no dequantization); beyond it, dequantizing W for BLAS is faster.
 # Measured on SmolLM2 (2 threads, q8_0 and q4_0): break-even near 40 rows. 1 row is the decode path.
 INT8_ROWS = 32
@@ -185,12 +186,14 @@ def pack(t: QTensor) -> PackedBlocks:
 class Linear:
     """y = x @ W.T for a weight W of shape (out, in): packed blocks, or dense f32/f16.
 
-    Call with x (T, in) f32. One row runs the integer matvec kernel; several rows
-    dequantize W into `panel` (a reused f32 buffer of at least out*in) and use BLAS.
+    Call with x (T, in) f32. Up to INT8_ROWS rows run the integer kernels, on x quantized to
+    blocks of `act_dtype` (int8 or int16) quants; more rows dequantize W into `panel` (a reused
+    f32 buffer of at least out*in) and use BLAS.
     """
 
-    def __init__(self, weight: PackedBlocks | QTensor, threads: int = 1):
+    def __init__(self, weight: PackedBlocks | QTensor, threads: int = 1, act_dtype=np.int16):
         self.threads = threads
+        self.act_dtype = act_dtype
         if isinstance(weight, PackedBlocks):
             if weight.w.ndim != 2:
                 raise LlamacpuError("Linear takes one matrix, not a stack")
@@ -225,14 +228,14 @@ class Linear:
         T, nb = x.shape[0], self.in_features // BLOCK
         if T == 1:
             y = np.empty((1, self.out_features), dtype=np.float32)
-            kernels.matvec_blocks(p.w, p.d, p.m, p.bits, x[0], np.empty(self.in_features, np.int8),
+            kernels.matvec_blocks(p.w, p.d, p.m, p.bits, x[0], np.empty(self.in_features, self.act_dtype),
                                   np.empty(nb, np.float32), np.empty(nb, np.float32), y[0], self.threads)
             return y
         if T <= INT8_ROWS:
-            xq = np.empty(x.shape, dtype=np.int8)  # (T, in)
+            xq = np.empty(x.shape, dtype=self.act_dtype)  # (T, in)
             xd, xs = np.empty((T, nb), dtype=np.float32), np.empty((T, nb), dtype=np.float32)
             for t in range(T):
-                kernels.quantize_act_q8(x[t], xq[t], xd[t], xs[t])
+                kernels.quantize_act(x[t], xq[t], xd[t], xs[t])
             y = np.empty((T, self.out_features), dtype=np.float32)
             kernels.matmul_blocks(p.w, p.d, p.m, p.bits, xq, xd, xs, y, self.threads)
             return y
