@@ -101,6 +101,6 @@ def load_checkpoint(path: str | Path, *, dequantize: bool = False) -> Checkpoint
         raise LlamacpuError(f"no such file or folder: {path}")
     if path.is_dir():
         from .loaders.hf import load_hf
-        return load_hf(path, dequantize=dequantize)
+        return load_hf(path)  # HF weights are float: always f32
     from .loaders.gguf import load_gguf
     return load_gguf(path, dequantize=dequantize)

@@ -414,6 +414,17 @@ dot_row_q4_1 = _dot_row_q4_1_avx2 if HAVE_AVX2 else _dot_row_q4_1_portable
 dot_row_q4_0 = _dot_row_q4_0_avx2 if HAVE_AVX2 else _dot_row_q4_0_portable
 
 
+@njit(cache=True, inline="always")
+def dot_row_8bit(w, d, m, xq, xd, xs, nb):
+    """One row of an 8-bit block matrix dotted with activation blocks: w = d q (+ m).
+    m (nb,) f16 bits, or (0,) when the row has no offsets (4-bit weights widened to 8 bits
+    keep theirs, applied through xs = xd * sum of the block's quants)."""
+    acc = dot_row_q8(w, d, xq, xd, nb)
+    for b in range(m.shape[0]):
+        acc += _h2f(m[b]) * xs[b]
+    return acc
+
+
 @njit(cache=True, parallel=True)
 def matvec_q8_0(w, d, m, xq, xd, xs, y, nt):
     """y (R,) = W x, W in 8-bit blocks: w (R, C) uint8 (int8 quants), d (R, nb) f16 bits,
@@ -422,15 +433,10 @@ def matvec_q8_0(w, d, m, xq, xd, xs, y, nt):
     x is given as 8- or 16-bit blocks (see `quantize_act`). Rows are split into `nt` chunks."""
     R = w.shape[0]
     nb = d.shape[1]
-    has_m = m.shape[1] > 0
     chunk = (R + nt - 1) // nt
     for t in prange(nt):
         for r in range(t * chunk, min(R, (t + 1) * chunk)):
-            acc = dot_row_q8(w[r], d[r], xq, xd, nb)
-            if has_m:  # 4-bit weights widened to 8 bits keep their offsets
-                for b in range(nb):
-                    acc += _h2f(m[r, b]) * xs[b]
-            y[r] = acc
+            y[r] = dot_row_8bit(w[r], d[r], m[r], xq, xd, xs, nb)
 
 
 @njit(cache=True, parallel=True)
@@ -489,10 +495,7 @@ def matmul_blocks(w, d, m, bits, xq, xd, xs, y, nt):
             wr, dr, mr = w[r], d[r], m[r]
             for t in range(T):
                 if bits == 8:
-                    acc = dot_row_q8(wr, dr, xq[t], xd[t], nb)
-                    if has_m:
-                        for b in range(nb):
-                            acc += _h2f(mr[b]) * xs[t, b]
+                    acc = dot_row_8bit(wr, dr, mr, xq[t], xd[t], xs[t], nb)
                 elif has_m:
                     acc = dot_row_q4_1(wr, dr, mr, xq[t], xd[t], xs[t], nb)
                 else:

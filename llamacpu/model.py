@@ -266,12 +266,6 @@ class Model:
         c = self.config
         self._xq = np.empty(max(c.hidden_size, c.intermediate_size, c.q_dim), dtype=act)  # decode scratch
 
-    @property
-    def packed_bytes(self) -> int:
-        """RAM held by weights repacked at load (0 for the dense path)."""
-        w = self.decode_weights
-        return 0 if w is None else sum(p.nbytes for p in (w.qkv, w.wo, w.gate_up, w.w_down, w.head))
-
     def new_cache(self, max_seq: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, max_seq or self.config.max_position_embeddings, dtype)
 

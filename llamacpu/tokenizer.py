@@ -293,11 +293,6 @@ class Tokenizer:
         The pushes plus the flush concatenate to exactly `decode(ids, continuation=continuation)`."""
         return StreamDecoder(self, self._strip_prefix_space and not continuation)
 
-    def token_text(self, token_id: int) -> str:
-        """The vocabulary string of one token (e.g. "Ġthe", "▁the", "<|im_end|>"), for display."""
-        self._token_bytes(token_id, False)  # range check
-        return self._tokens[token_id]
-
     def gguf_metadata(self) -> dict[str, Any]:
         """The `tokenizer.ggml.*` keys (and `llamacpu.tokenizer.model` / `.json` for exact
         round trips) for a GGUF writer. `from_gguf_metadata` on the result gives the same ids."""

@@ -136,7 +136,7 @@ def read_config(folder: Path) -> dict:
         raise LlamacpuError(f"{cfg_path}: invalid JSON ({e})") from None
 
 
-def load_hf(folder: Path, *, dequantize: bool = True) -> Checkpoint:
+def load_hf(folder: Path) -> Checkpoint:
     """Load every weight of a HF folder as f32 QTensors, validated against config.json."""
     folder = Path(folder)
     config = ModelConfig.from_hf(read_config(folder))
