@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -178,7 +178,9 @@ class ChatSession:
             "last_prompt_tokens": self.last.prompt_tokens, "last_reused_tokens": self.last.reused_tokens,
             "last_prefilled_tokens": self.last.prefilled_tokens,
             "last_completion_tokens": g.completion_tokens, "last_stop_reason": g.stop_reason,
-            "last_prefill_tok_s": round(g.prefill_tok_s, 2), "last_decode_tok_s": round(g.decode_tok_s, 2),
+            "last_prefill_tok_s": round(g.prefill_tok_s, 2),
+            # an interrupted answer's rate would count the wait for Ctrl-C: there is none
+            "last_decode_tok_s": None if g.stop_reason == "interrupted" else round(g.decode_tok_s, 2),
             **{f"total_{k}": v for k, v in self.totals.items()},
         }
 
@@ -250,10 +252,58 @@ class ChatSession:
             kept = kept[:first] + kept[first + n:]
 
 
-def parse_command(line: str) -> tuple[str, str] | None:
-    """`/name arg` → ("name", "arg"); None for a plain message."""
+# ---- the REPL's input: commands and multi-line messages (rendering is the CLI's) ----------------
+
+# Command → (its argument, what it does), in the order /help lists them.
+COMMANDS = {
+    "help": ("", "list these commands"),
+    "show": ("", "the model, the system prompt and the settings"),
+    "set": ("NAME VALUE", "change a setting: temperature, top-k, top-p, min-p, repeat-penalty, "
+                          "max-tokens, seed (or `/set system TEXT`)"),
+    "system": ("[TEXT]", "set the system prompt; with no TEXT, show it"),
+    "unset": ("system", "remove the system prompt"),
+    "reset": ("", "forget the conversation, keep the system prompt (also /clear)"),
+    "save": ("FILE", "write the transcript as JSON"),
+    "load": ("FILE", "replace the transcript with one written by /save"),
+    "stats": ("", "context use, and what the last turn prefilled and reused"),
+    "exit": ("", "leave (also /quit, /bye, Ctrl-D)"),
+}
+ALIASES = {"quit": "exit", "bye": "exit", "clear": "reset", "?": "help"}
+BLOCK = '"""'  # starts and ends a multi-line message (ollama's convention)
+
+
+def parse_command(line: str, *, known_only: bool = False) -> tuple[str, str] | None:
+    """`/name arg` → ("name", "arg"), aliases resolved; None for a plain message.
+
+    known_only: a line whose /word is not a command is a message (`/usr/bin holds what?`), as
+    piped chat wants; otherwise an unknown /word comes back as is, for the caller to refuse."""
     if not line.startswith("/"):
         return None
     name, _, arg = line[1:].partition(" ")
-    return name.strip().lower(), arg.strip()
+    name = name.strip().lower()
+    name = ALIASES.get(name, name)
+    if known_only and name not in COMMANDS:
+        return None
+    return name, arg.strip()
 
+
+def starts_block(line: str) -> bool:
+    """Does this input line open a multi-line message?"""
+    return line.lstrip().startswith(BLOCK)
+
+
+def read_block(first: str, next_line: Callable[[], str]) -> str:
+    """The message of a block opened by line `first`: everything after the opening triple quote,
+    up to a line that ends with one, lines joined by newlines (line breaks around it dropped).
+    `next_line()` gives the following line without its line break and raises EOFError when
+    input ends (an unclosed block is an error then: nothing is sent)."""
+    body = first.lstrip()[len(BLOCK):]
+    lines = []
+    while not body.rstrip().endswith(BLOCK):
+        lines.append(body)
+        try:
+            body = next_line()
+        except EOFError:
+            raise LlamacpuError(f"the input ended inside a {BLOCK} block; close it with {BLOCK}") from None
+    lines.append(body.rstrip()[:-len(BLOCK)])
+    return "\n".join(lines).strip("\r\n")

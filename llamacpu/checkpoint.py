@@ -80,6 +80,8 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     hf_dir: Path | None = None
     notices: list[str] = field(default_factory=list)  # e.g. tensors transcoded at load
+    sampling: dict[str, float] = field(default_factory=dict)  # the file's recommended sampling settings
+    sampling_source: str | None = None  # where they were read, for people
 
     def tokenizer(self):
         from .tokenizer import Tokenizer

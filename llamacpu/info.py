@@ -28,17 +28,20 @@ def describe(path: str | Path) -> dict[str, Any]:
 
     Keys: path, format, name, architecture, parameters, layers, hidden_size, intermediate_size,
     heads, kv_heads, head_dim, vocab_size, context_length, rope_theta, tied_embeddings,
-    formats ({kind: {format: tensor count}}), bits_per_weight, file_size, tokenizer, chat_template.
+    formats ({kind: {format: tensor count}}), bits_per_weight, file_size, tokenizer, chat_template,
+    sampling (the file's recommended settings, {} if none).
     """
     path = Path(path)
     if not path.exists():
         raise LlamacpuError(f"no such file or folder: {path}")
     if path.is_dir():
+        from .loaders.hf import read_generation_config
         config, tensors, size, name, tokenizer, template = _hf(path)
-        fmt = "hf"
+        fmt, sampling = "hf", read_generation_config(path)
     else:
+        from .loaders.gguf import read_metadata, sampling_from_gguf
         config, tensors, size, name, tokenizer, template = _gguf(path)
-        fmt = "gguf"
+        fmt, sampling = "gguf", sampling_from_gguf(read_metadata(path), path.name)
     formats: dict[str, Counter] = {}
     n_params = n_bits = 0
     for ours, (kind_fmt, n_elements, bits) in tensors.items():
@@ -61,6 +64,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "file_size": size,
         "tokenizer": tokenizer,
         "chat_template": template,
+        "sampling": sampling,
     }
 
 

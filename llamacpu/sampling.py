@@ -8,6 +8,10 @@ is made. Temperature 0 is greedy (argmax) and never touches the rng.
 The repeat penalty is a separate logits processor over recent ids, with llama.cpp's
 semantics: a seen token's positive logit is divided by the penalty, a negative one multiplied.
 References: Holtzman et al. 2019 (top-p), Nguyen et al. 2024 (min-p), Keskar et al. 2019 (repeat penalty).
+
+Where the settings come from: what the user gives; else what the model file recommends
+(GGUF `general.sampling.*`, HF `generation_config.json`, read by the loaders into
+`Checkpoint.sampling`); else a known model's card (`registry.py`); else `DEFAULTS`, once, here.
 """
 
 from __future__ import annotations
@@ -19,6 +23,50 @@ import numpy as np
 from .errors import LlamacpuError
 
 Sampler = Callable[[np.ndarray, np.random.Generator], int]
+
+# The fallback when neither the user nor the model says: llama.cpp's defaults (common/common.h).
+DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+DEFAULTS_SOURCE = "llamacpu default"
+INT_SETTINGS = ("top_k",)
+
+
+def recommended(values: dict, source: str) -> dict:
+    """A model's recommended settings (`{setting: value}`, None = not given), typed and checked;
+    a bad value is refused with a message naming `source` rather than silently replaced."""
+    out = {}
+    for key, v in values.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (key in INT_SETTINGS and v != int(v)):
+            raise LlamacpuError(f"{source}: {key} must be a number, got {v!r}")
+        out[key] = int(v) if key in INT_SETTINGS else float(v)
+    try:
+        merged = {**DEFAULTS, **out}
+        check_settings(merged["temperature"], merged["top_k"], merged["top_p"], merged["min_p"])
+        check_repeat_penalty(merged["repeat_penalty"])
+    except LlamacpuError as e:
+        raise LlamacpuError(f"{source}: {e}") from None
+    return out
+
+
+def pick_settings(given: dict, *layers: tuple[str, dict]) -> tuple[dict, dict]:
+    """Each setting of `DEFAULTS` from the first place that has it: `given` (None means not
+    given), then each `(source, values)` layer in order, then `DEFAULTS`.
+    Returns (settings, {setting: where it came from}); the settings are checked."""
+    settings, sources = {}, {}
+    for key, fallback in DEFAULTS.items():
+        if given.get(key) is not None:
+            settings[key], sources[key] = given[key], "given"
+            continue
+        for source, values in layers:
+            if values.get(key) is not None:
+                settings[key], sources[key] = values[key], source
+                break
+        else:
+            settings[key], sources[key] = fallback, DEFAULTS_SOURCE
+    check_settings(settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"])
+    check_repeat_penalty(settings["repeat_penalty"])
+    return settings, sources
 
 
 def check_settings(temperature: float, top_k: int, top_p: float, min_p: float) -> None:

@@ -37,6 +37,14 @@ NAMES = {
     "blk.{i}.ffn_up.weight": "layers.{i}.w_up",
     "blk.{i}.ffn_down.weight": "layers.{i}.w_down",
 }
+# Recommended sampling settings (gguf-py's Keys.General.SAMPLING_*) → llamacpu setting names.
+SAMPLING_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "min_p": "general.sampling.min_p",
+    "repeat_penalty": "general.sampling.penalty_repeat",
+}
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 NATIVE = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # run as stored
 
@@ -176,6 +184,15 @@ class GGUFFile:
         return self.buf[t.offset:t.offset + t.n_bytes]
 
 
+def sampling_from_gguf(meta: dict[str, Any], source: str) -> dict[str, float]:
+    """The file's recommended sampling settings, in llamacpu names ({} when it has none)."""
+    from ..sampling import recommended
+    values = {ours: meta.get(key) for ours, key in SAMPLING_KEYS.items()}
+    # Stored as float32: 0.2 comes back as 0.2000000029...; keep float32's 7 significant digits.
+    values = {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in values.items()}
+    return recommended(values, f"{source} (general.sampling.*)")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """GGUF metadata as plain values: str, int, float, bool, list[str], numpy arrays for numeric arrays.
 
@@ -230,4 +247,6 @@ def load_gguf(path: Path, *, dequantize: bool = False) -> Checkpoint:
         counts = {k: transcoded.count(k) for k in sorted(set(transcoded))}
         notices.append("transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
                        "does it once): " + ", ".join(f"{n} × {k}" for k, n in counts.items()))
-    return Checkpoint(config=config, tensors=tensors, source=path, meta=f.meta, notices=notices)
+    sampling = sampling_from_gguf(f.meta, path.name)
+    return Checkpoint(config=config, tensors=tensors, source=path, meta=f.meta, notices=notices,
+                      sampling=sampling, sampling_source=f"{path.name} (general.sampling.*)" if sampling else None)

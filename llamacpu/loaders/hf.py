@@ -136,6 +136,32 @@ def read_config(folder: Path) -> dict:
         raise LlamacpuError(f"{cfg_path}: invalid JSON ({e})") from None
 
 
+# generation_config.json keys → llamacpu sampling setting names (transformers' GenerationConfig).
+GENERATION_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                   "repeat_penalty": "repetition_penalty"}
+
+
+def read_generation_config(folder: Path) -> dict[str, float]:
+    """The folder's recommended sampling settings from generation_config.json ({} without one).
+
+    `"do_sample": false` is transformers' greedy decoding, i.e. temperature 0; without
+    `do_sample` only the settings the file names are taken."""
+    from ..sampling import recommended
+    path = Path(folder) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LlamacpuError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(gen, dict):
+        raise LlamacpuError(f"{path}: expected a JSON object")
+    values = {ours: gen.get(key) for ours, key in GENERATION_KEYS.items()}
+    if gen.get("do_sample") is False:
+        values["temperature"] = 0.0
+    return recommended(values, path.name)
+
+
 def load_hf(folder: Path) -> Checkpoint:
     """Load every weight of a HF folder as f32 QTensors, validated against config.json."""
     folder = Path(folder)
@@ -161,4 +187,6 @@ def load_hf(folder: Path) -> Checkpoint:
         elif name.endswith(".wk"):
             w = rotate_half_to_pairs(w, config.num_key_value_heads)
         tensors[name] = QTensor("f32", tuple(w.shape), np.ascontiguousarray(w, dtype=np.float32))
-    return Checkpoint(config=config, tensors=tensors, source=folder, hf_dir=folder)
+    sampling = read_generation_config(folder)
+    return Checkpoint(config=config, tensors=tensors, source=folder, hf_dir=folder, sampling=sampling,
+                      sampling_source="generation_config.json" if sampling else None)
