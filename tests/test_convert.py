@@ -340,3 +340,23 @@ def test_calibration_switch(hf_dir, tmp_path):
     assert (on.importance, off.importance) == ("self-calibrated", "weights-only")
     assert convert_model(hf_dir, tmp_path / "q8.gguf", "q8_0").importance is None
     assert (tmp_path / "on.gguf").read_bytes() == convert_model(hf_dir, tmp_path / "again.gguf", "q4_0").out.read_bytes()
+
+
+def test_generation_config_becomes_gguf_sampling_keys(hf_dir, tmp_path):
+    """HF's generation_config.json → llama.cpp's general.sampling.* keys, typed as gguf-py's
+    writer types them, and read back by gguf-py (not by us)."""
+    import shutil
+
+    import gguf
+    folder = shutil.copytree(hf_dir, tmp_path / "with-gen")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1}))
+    out = convert_model(folder, tmp_path / "out.gguf", quant="q8_0")
+    fields = gguf.GGUFReader(str(out.out)).fields
+    T = gguf.GGUFValueType
+    expected = {"general.sampling.temp": (0.6, T.FLOAT32), "general.sampling.top_k": (20, T.INT32),
+                "general.sampling.top_p": (0.8, T.FLOAT32), "general.sampling.penalty_repeat": (1.1, T.FLOAT32)}
+    for key, (value, vtype) in expected.items():
+        assert fields[key].types == [vtype] and abs(fields[key].contents() - value) < 1e-6, key
+    assert "general.sampling.min_p" not in fields
+    assert load_checkpoint(out.out).sampling == {"temperature": 0.6, "top_k": 20, "top_p": 0.8, "repeat_penalty": 1.1}
