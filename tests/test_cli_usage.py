@@ -16,12 +16,11 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from llamacpu import cli
-from test_cli import (ANSI, COMMANDS, _command, default_home, llamacpu, one_line_error, tiny,  # noqa: F401
+from test_cli import (COMMANDS, _command, default_home, llamacpu, one_line_error, tiny,  # noqa: F401
                       write_tiny_gguf)
 
 runner = CliRunner()
@@ -95,7 +94,8 @@ def test_help_says_where_sampling_defaults_come_from():
     out = runner.invoke(cli.app, ["run", "--help"], env={"COLUMNS": "200"}).output
     assert "general.sampling" in out and "generation_config.json" in out
     flat = " ".join(out.split())
-    assert "--temperature, --temp T Sampling temperature; 0 is greedy. [default: the model's; smollm2: 0.2; else 0.8]" in flat
+    assert ("--temperature, --temp T Sampling temperature; 0 is greedy. "
+            "[default: the model's; smollm2: 0.2; else 0.8]") in flat
     assert "--top-k K Keep the K most likely tokens; 0 keeps all. [default: the model's; else 40]" in flat
 
 
