@@ -243,15 +243,9 @@ def _check_given(given: dict) -> None:
 def _model_settings(rt, model: str | None, given: dict) -> tuple[dict, dict]:
     """The sampling settings for MODEL and where each came from: the flags, then the file's own
     recommendation, then a known model's card, then llamacpu's defaults (see sampling.py)."""
-    from .registry import known_model
+    from .registry import sampling_layers
     from .sampling import pick_settings
-    layers = []
-    if rt.checkpoint.sampling:
-        layers.append((rt.checkpoint.sampling_source, rt.checkpoint.sampling))
-    known = known_model(model if model is not None else None)
-    if known is not None and known.sampling:
-        layers.append((f"{known.name} model card", known.sampling))
-    return pick_settings(given, *layers)
+    return pick_settings(given, *sampling_layers(rt.checkpoint, model))
 
 
 def _settings_line(settings: dict, sources: dict) -> str:

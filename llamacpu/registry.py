@@ -81,6 +81,19 @@ def known_model(spec: str | Path | None) -> KnownModel | None:
     return None
 
 
+def sampling_layers(checkpoint, spec: str | Path | None) -> list[tuple[str, dict]]:
+    """Where a model's recommended sampling settings come from, most specific first, as
+    `(source, {setting: value})` for `sampling.pick_settings`: the file's own keys (GGUF
+    general.sampling.*, generation_config.json), then the card of the known model `spec` names."""
+    layers = []
+    if checkpoint.sampling:
+        layers.append((checkpoint.sampling_source, checkpoint.sampling))
+    known = known_model(spec)
+    if known is not None and known.sampling:
+        layers.append((f"{known.name} model card", known.sampling))
+    return layers
+
+
 def resolve_model(spec: str | None = None, *, notify: Callable[[str], None] | None = None) -> Path:
     """The file or folder that `spec` means: an existing path as is; a known model's name (None is
     the default, `smollm2`), fetched into the model folder on first use; or the name of a model
