@@ -634,9 +634,9 @@ class _ChatState:
             self.session.rng = np.random.default_rng(self.seed)
         else:
             settings, _ = pick_settings({**self.settings, key: number})
-            s = settings
-            self.session.sampler = make_sampler(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-            self.session.repeat_penalty = s["repeat_penalty"]
+            self.session.sampler = make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
+                                                settings["min_p"])
+            self.session.repeat_penalty = settings["repeat_penalty"]
             self.settings, self.sources[key] = settings, "/set"
         return f"{name} set to {_fmt(number)}"
 
@@ -644,7 +644,6 @@ class _ChatState:
 def _chat_command(state: _ChatState, name: str, arg: str, show: Callable[[str], None],
                   show_rows: Callable[[list[tuple[str, str]]], None], show_stats: Callable[[dict], None]) -> bool:
     """Run one /command; False means exit."""
-    from .chat import COMMANDS
     session = state.session
     if name == "exit":
         return False
@@ -677,8 +676,8 @@ def _chat_command(state: _ChatState, name: str, arg: str, show: Callable[[str], 
     elif name == "help":
         show(_chat_help())
     else:
-        raise LlamacpuError(f"unknown command /{name}; /help lists them "
-                            f"({', '.join('/' + c for c in COMMANDS)})")
+        raise LlamacpuError(f"unknown command /{name}; /help lists them (to send a message that starts "
+                            f"with /, begin it with a space)")
     return True
 
 

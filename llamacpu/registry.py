@@ -184,7 +184,7 @@ def remove(name: str) -> Path:
     folder; returns the path removed."""
     for entry in list_models():
         if name in (entry.name, entry.path.name):
-            if entry.path.is_dir():
+            if entry.path.is_dir() and not entry.path.is_symlink():
                 shutil.rmtree(entry.path)
             else:
                 entry.path.unlink()
