@@ -332,9 +332,17 @@ def test_chat_bad_command_reports_and_exits_2(tiny):
     assert len(r.stdout.splitlines()) == 1  # "hi" was still answered
 
 
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default disposition. A parent that ignores
+    SIGINT (a background job of a non-interactive shell, some CI runners) passes SIG_IGN on
+    through exec, and Python then installs no KeyboardInterrupt handler, so Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_keeps_what_was_streamed_and_exits_130(tiny):
     p = subprocess.Popen([*_command(), "run", str(tiny), "Go on forever.", "--max-tokens", "4000"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_default_sigint)
     first = p.stdout.read(1)  # generation has started
     p.send_signal(signal.SIGINT)
     rest, err = p.communicate(timeout=120)
@@ -350,6 +358,7 @@ def test_interactive_chat_on_a_terminal(tiny, tmp_path):
     if pid == 0:  # the child: become llamacpu chat on the pseudo-terminal
         try:
             os.environ["COLUMNS"] = "120"
+            _default_sigint()
             cmd = _command()
             os.execv(cmd[0], cmd + ["chat", str(tiny), "--max-tokens", "3000", "--temperature", "0"])
         finally:
