@@ -40,7 +40,6 @@ from typing import Any, Callable
 import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import llama3_freq_factors
 from .errors import LlamacpuError
 from .loaders.gguf import to_gguf_name
 from .quant import BLOCK, BLOCK_BYTES, FORMATS, QTensor, quantize, storage_shape
@@ -178,12 +177,11 @@ def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_P
     """The tensors to write, in order, and which 4-bit importance their search uses (None: no search)."""
     c = ckpt.config
     tensors = dict(ckpt.tensors)
-    if c.rope_scaling is not None and "rope_freqs" not in tensors:
-        # llama.cpp reads Llama-3 scaling from this tensor of per-frequency divisors (hd/2,).
-        half = c.head_dim // 2
-        base = 1.0 / c.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / c.head_dim)
-        factors = llama3_freq_factors(base, c.rope_scaling).astype(np.float32)
-        tensors["rope_freqs"] = QTensor("f32", (half,), factors)
+    factors = c.rope_freqs()
+    if factors is not None and "rope_freqs" not in tensors:
+        # llama.cpp reads Llama-3 scaling from this tensor of per-frequency divisors (hd/2,), as
+        # its convert_hf_to_gguf.py writes it; there is no metadata key for it.
+        tensors["rope_freqs"] = QTensor("f32", factors.shape, factors)
     order = ["embed", "output", "norm", "rope_freqs"]
     names = [n for n in order if n in tensors] + [n for n in tensors if n not in order]
     formats = {n: tensor_format(n, tensors[n].shape, quant, tied=c.tie_word_embeddings) for n in names}
@@ -326,7 +324,7 @@ def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
     meta["general.file_type"] = (int(file_type), T.UINT32, None)
     meta["general.quantization_version"] = (QUANT_VERSION, T.UINT32, None)
     for key, value in ckpt.config.gguf_metadata().items():
-        meta[key] = (value, T.FLOAT32 if isinstance(value, float) else T.UINT32, None)
+        meta[key] = _typed(key, value)  # counts uint32, floats float32, rope.scaling.type a string
     if "tokenizer.ggml.model" not in meta:
         raise LlamacpuError(f"{ckpt.source}: no tokenizer to write into the GGUF file")
     return meta
