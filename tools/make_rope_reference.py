@@ -196,7 +196,8 @@ def check_llamacpp(folder: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         gguf_path = Path(tmp) / f"{folder.name}.f32.gguf"
         convert_model(folder, gguf_path, "f32")
-        lc = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+        lc = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_threads=2, logits_all=True, verbose=False,
+                               type_k=0, type_v=0)  # an f32 KV cache (GGML_TYPE_F32), not f16
         lc.eval(ids)
         got = np.array(lc.scores[: len(ids)], dtype=np.float32)[positions]
     d = np.abs(got - want)
