@@ -84,7 +84,7 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise LlamacpuError("the output would overwrite the source")
     ckpt = load_checkpoint(src)
-    if ckpt.notices:
+    if ckpt.transcoded:
         # The loader transcoded tensors it can't run (K-quants...) to q8_0; quantizing those again
         # would stack two roundings, so read every weight as f32 instead (in memory, not mmap).
         ckpt = load_checkpoint(src, dequantize=True)
@@ -204,18 +204,17 @@ def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_P
     return plan, how
 
 
-def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = True) -> Checkpoint:
+def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = False) -> Checkpoint:
     """`ckpt` with every tensor in the format `convert_model` would write, held in memory.
 
     This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
+    calibrate: as `convert_model`'s; off by default here, since it runs the model in f32 first.
     """
     if quant not in FORMATS:
         raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(FORMATS)}")
     plan, _ = _plan(ckpt, quant, calibrate)
-    notices = list(ckpt.notices) + [
-        f"{p.name}: row length {p.shape[-1]} is not a multiple of {BLOCK}; kept as f16"
-        for p in plan if p.fallback]
-    return replace(ckpt, tensors={p.name: p.make() for p in plan}, notices=notices)
+    return replace(ckpt, tensors={p.name: p.make() for p in plan},
+                   kept_f16=ckpt.kept_f16 + tuple(p.name for p in plan if p.fallback))
 
 
 def _convert_tensor(src: QTensor, fmt: str, importance: np.ndarray | None) -> QTensor:
