@@ -370,7 +370,9 @@ def _rope_from_hf(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
         raise LlamacpuError(f"config.json: rope_theta is given twice, as {sorted(thetas)}")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     theta = _number(theta, "rope_theta")
-    kinds = {params[k] for k in ("rope_type", "type") if k in params}
+    kinds = {params[k] for k in ("rope_type", "type") if k in params and isinstance(params[k], str)}
+    if any(not isinstance(params[k], str) for k in ("rope_type", "type") if k in params):
+        raise LlamacpuError(f"config.json: the RoPE type must be a string, got {params!r:.80}")
     if len(kinds) > 1:
         raise LlamacpuError(f"config.json: RoPE type is given as both {sorted(map(str, kinds))}")
     kind = kinds.pop() if kinds else "default"
@@ -468,7 +470,10 @@ def _flag(value: Any, name: str) -> bool:
 def _gguf_int(value: Any, name: str) -> int:
     """A GGUF integer; a per-layer array is accepted when every layer has the same value."""
     if isinstance(value, (list, np.ndarray)):
-        values = {int(v) for v in np.asarray(value).reshape(-1)} if len(value) else set()
+        arr = np.asarray(value).reshape(-1)
+        if arr.dtype.kind not in "iu":
+            raise LlamacpuError(f"GGUF {name} must be an integer, got an array of {arr.dtype}")
+        values = {int(v) for v in arr}
         if len(values) != 1:
             raise LlamacpuError(f"GGUF {name} varies per layer; llamacpu needs one value")
         value = values.pop()

@@ -118,6 +118,7 @@ def test_other_rope_types_are_refused_by_name(kind, where):
     ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, "rope_theta is given twice"),
     ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "factor must be a positive number"),
     ({"rope_scaling": [1, 2]}, "rope_scaling must be an object"),
+    ({"rope_scaling": {"type": ["linear"], "factor": 2.0}}, "RoPE type must be a string"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
     ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}}, "partial_rotary_factor 0.25"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
@@ -265,6 +266,8 @@ def _gguf(**changes):
     (dict(attention__layer_norm_rms_epsilon=None), "lacks llama.attention.layer_norm_rms_epsilon"),
     (dict(attention__head_count_kv=np.array([3, 3, 1] * 10, dtype=np.int32)), "varies per layer"),
     (dict(feed_forward_length="1536"), "must be an integer"),
+    (dict(feed_forward_length=["1536"]), "must be an integer"),
+    (dict(context_length=None), "lacks llama.context_length"),
 ])
 def test_gguf_keys_that_change_the_math_are_read_or_refused(changes, match):
     with pytest.raises(LlamacpuError, match=match):
