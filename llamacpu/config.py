@@ -182,16 +182,17 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         n_heads = cfg["num_attention_heads"]
         theta, scaling = _rope_from_hf(cfg)
-        # transformers' defaults when a key is absent (LlamaConfig / MistralConfig, 5.24).
-        default_kv = 8 if mistral else n_heads
-        kv = cfg.get("num_key_value_heads")
+        # transformers' defaults when a key is absent (LlamaConfig / MistralConfig, 5.24). A null
+        # num_key_value_heads means the head count for Llama; MistralConfig refuses it, so do we.
+        kv = cfg.get("num_key_value_heads", 8 if mistral else n_heads)
+        kv = n_heads if kv is None and not mistral else kv
         window = cfg.get("sliding_window", 4096) if mistral else None  # LlamaForCausalLM has no window
         return cls(
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=n_heads,
-            num_key_value_heads=default_kv if kv is None else kv,
+            num_key_value_heads=kv,
             vocab_size=cfg["vocab_size"],
             rms_norm_eps=_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             rope_theta=theta,
@@ -321,7 +322,7 @@ HF_MATH_KEYS = {
     "model_type": "read only when architectures is absent",
     "hidden_size": "read", "intermediate_size": "read", "num_hidden_layers": "read",
     "num_attention_heads": "read", "vocab_size": "read",
-    "num_key_value_heads": "read (absent: the head count; Mistral: 8)",
+    "num_key_value_heads": "read (absent or null: the head count; Mistral: absent 8, null refused)",
     "head_dim": "read (absent or null: hidden_size // num_attention_heads)",
     "rms_norm_eps": "read (absent: 1e-6)",
     "tie_word_embeddings": "read (absent: false)",

@@ -163,6 +163,9 @@ def test_absent_keys_take_transformers_defaults():
     assert (m.num_key_value_heads, m.max_position_embeddings, m.sliding_window) == (8, 131072, 4096)
     assert ModelConfig.from_hf({**bare, "architectures": ["MistralForCausalLM"], "num_key_value_heads": 3,
                                 "sliding_window": None}).sliding_window is None
+    assert ModelConfig.from_hf({**bare, "num_key_value_heads": None}).num_key_value_heads == 9
+    with pytest.raises(LlamacpuError, match="num_key_value_heads must be a positive integer"):
+        ModelConfig.from_hf({**bare, "architectures": ["MistralForCausalLM"], "num_key_value_heads": None})
     # LlamaForCausalLM has no sliding window in transformers: the key means nothing there.
     assert ModelConfig.from_hf({**HF, "sliding_window": 16}).sliding_window is None
 
