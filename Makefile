@@ -44,6 +44,7 @@ bench: venv model $(VENV)/.peers
 
 reference: venv model $(VENV)/.peers
 	$(PY) tools/make_reference.py
+	$(PY) tools/make_rope_reference.py --check-llamacpp
 
 # Our q8_0 output loads in llama.cpp with the same greedy tokens; q4_0 quality vs llama.cpp's own.
 check-llamacpp: venv model $(VENV)/.peers

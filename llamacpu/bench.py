@@ -48,9 +48,9 @@ def run_bench(runtime, *, prompt_tokens: int = 512, gen_tokens: int = 128, repea
         raise LlamacpuError("bench needs at least one prompt token, one generated token and one run")
     model = runtime.model
     c = model.config
-    if prompt_tokens + gen_tokens > c.max_position_embeddings:
+    if prompt_tokens + gen_tokens > c.context_length:
         raise LlamacpuError(f"{prompt_tokens} + {gen_tokens} tokens exceed the model's context "
-                            f"of {c.max_position_embeddings}")
+                            f"of {c.context_length}")
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, c.vocab_size, prompt_tokens)
     short = prompt[:FIRST_TOKEN_PROMPT]

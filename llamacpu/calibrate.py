@@ -42,7 +42,7 @@ def self_calibrate(tensors: dict[str, QTensor], config, *, start: int, sequences
     rng = np.random.default_rng(seed)
     L, D, H, Hkv, hd = c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     B, rep = sequences, c.n_rep
-    length = min(length, c.max_position_embeddings)
+    length = min(length, c.context_length)
 
     def f32(name):
         return tensors[name].dequantize().astype(np.float32)

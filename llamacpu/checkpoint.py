@@ -79,9 +79,27 @@ class Checkpoint:
     source: Path
     meta: dict[str, Any] = field(default_factory=dict)
     hf_dir: Path | None = None
-    notices: list[str] = field(default_factory=list)  # e.g. tensors transcoded at load
     sampling: dict[str, float] = field(default_factory=dict)  # the file's recommended sampling settings
     sampling_source: str | None = None  # where they were read, for people
+    # What was changed at load, by tensor name. transcoded: (the file's ggml type, the format
+    # it runs in) for tensors re-quantized because no kernel runs them as stored (K-quants...);
+    # kept_f16: matrices quantize_checkpoint left f16 because their rows can't be blocked.
+    transcoded: dict[str, tuple[str, str]] = field(default_factory=dict)
+    kept_f16: tuple[str, ...] = ()
+
+    @property
+    def notices(self) -> list[str]:
+        """One line per thing a person should know about how this checkpoint runs (for the CLI)."""
+        out = []
+        if self.transcoded:  # one line for the whole file, e.g. "transcoded at load: 168 × Q6_K→q8_0"
+            kinds = [f"{a}→{b}" for a, b in self.transcoded.values()]
+            counts = {k: kinds.count(k) for k in sorted(set(kinds))}
+            out.append("transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
+                       "does it once): " + ", ".join(f"{n} × {k}" for k, n in counts.items()))
+        from .quant import BLOCK
+        out += [f"{name}: row length {self.tensors[name].shape[-1]} is not a multiple of {BLOCK}; kept as f16"
+                for name in self.kept_f16]
+        return out
 
     def tokenizer(self):
         from .tokenizer import Tokenizer

@@ -309,7 +309,7 @@ def _speed_line(stats) -> str:
 def _context_size(rt, ctx: int) -> int:
     if ctx < 1:
         raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
-    return min(ctx, rt.config.max_position_embeddings)
+    return min(ctx, rt.config.context_length)
 
 
 # ---- run ----------------------------------------------------------------------------------------

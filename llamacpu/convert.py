@@ -40,7 +40,6 @@ from typing import Any, Callable
 import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import llama3_freq_factors
 from .errors import LlamacpuError
 from .loaders.gguf import SAMPLING_KEYS, to_gguf_name
 from .quant import BLOCK, BLOCK_BYTES, FORMATS, QTensor, quantize, storage_shape
@@ -86,7 +85,7 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise LlamacpuError("the output would overwrite the source")
     ckpt = load_checkpoint(src)
-    if ckpt.notices:
+    if ckpt.transcoded:
         # The loader transcoded tensors it can't run (K-quants...) to q8_0; quantizing those again
         # would stack two roundings, so read every weight as f32 instead (in memory, not mmap).
         ckpt = load_checkpoint(src, dequantize=True)
@@ -179,12 +178,11 @@ def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_P
     """The tensors to write, in order, and which 4-bit importance their search uses (None: no search)."""
     c = ckpt.config
     tensors = dict(ckpt.tensors)
-    if c.rope_scaling is not None and "rope_freqs" not in tensors:
-        # llama.cpp reads Llama-3 scaling from this tensor of per-frequency divisors (hd/2,).
-        half = c.head_dim // 2
-        base = 1.0 / c.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / c.head_dim)
-        factors = llama3_freq_factors(base, c.rope_scaling).astype(np.float32)
-        tensors["rope_freqs"] = QTensor("f32", (half,), factors)
+    factors = c.rope_freqs()
+    if factors is not None and "rope_freqs" not in tensors:
+        # llama.cpp reads Llama-3 scaling from this tensor of per-frequency divisors (hd/2,), as
+        # its convert_hf_to_gguf.py writes it; there is no metadata key for it.
+        tensors["rope_freqs"] = QTensor("f32", factors.shape, factors)
     order = ["embed", "output", "norm", "rope_freqs"]
     names = [n for n in order if n in tensors] + [n for n in tensors if n not in order]
     formats = {n: tensor_format(n, tensors[n].shape, quant, tied=c.tie_word_embeddings) for n in names}
@@ -207,18 +205,17 @@ def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_P
     return plan, how
 
 
-def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = True) -> Checkpoint:
+def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = False) -> Checkpoint:
     """`ckpt` with every tensor in the format `convert_model` would write, held in memory.
 
     This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
+    calibrate: as `convert_model`'s; off by default here, since it runs the model in f32 first.
     """
     if quant not in FORMATS:
         raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(FORMATS)}")
     plan, _ = _plan(ckpt, quant, calibrate)
-    notices = list(ckpt.notices) + [
-        f"{p.name}: row length {p.shape[-1]} is not a multiple of {BLOCK}; kept as f16"
-        for p in plan if p.fallback]
-    return replace(ckpt, tensors={p.name: p.make() for p in plan}, notices=notices)
+    return replace(ckpt, tensors={p.name: p.make() for p in plan},
+                   kept_f16=ckpt.kept_f16 + tuple(p.name for p in plan if p.fallback))
 
 
 def _convert_tensor(src: QTensor, fmt: str, importance: np.ndarray | None) -> QTensor:
@@ -327,7 +324,7 @@ def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
     meta["general.file_type"] = (int(file_type), T.UINT32, None)
     meta["general.quantization_version"] = (QUANT_VERSION, T.UINT32, None)
     for key, value in ckpt.config.gguf_metadata().items():
-        meta[key] = (value, T.FLOAT32 if isinstance(value, float) else T.UINT32, None)
+        meta[key] = _typed(key, value)  # counts uint32, floats float32, rope.scaling.type a string
     # Recommended sampling (from generation_config.json or the source GGUF), typed as gguf-py writes it.
     for setting, value in ckpt.sampling.items():
         meta[SAMPLING_KEYS[setting]] = (value, T.INT32 if setting in INT_SETTINGS else T.FLOAT32, None)

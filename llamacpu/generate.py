@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,13 +55,17 @@ class GenerationStats:
 
 def generate(model, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator,
              max_tokens: int, stop_ids: Iterable[int] = (), repeat_penalty: float = 1.0,
-             repeat_last_n: int = 64, stats: GenerationStats | None = None) -> Iterator[int]:
+             repeat_last_n: int = 64, stats: GenerationStats | None = None,
+             cached_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yield generated token ids after prefilling `prompt_ids` at `cache.pos`.
 
     A stop id ends generation and is not yielded. The last yielded token is not fed to the
     model (its logits are never needed), so afterwards `cache.pos` covers the prompt and all
-    yielded ids but the last. `repeat_penalty` applies to the last `repeat_last_n` ids of
-    prompt and output. Generation also ends, with reason "length", when the cache is full.
+    yielded ids but the last. `repeat_penalty` applies to the last `repeat_last_n` ids of the
+    whole sequence: `cached_ids` (the ids already in the cache, e.g. a chat's earlier turns;
+    only their tail is read), the prompt and the output, so sampling does not depend on how
+    much of the sequence the cache happened to hold. Generation also ends, with reason
+    "length", when the cache is full.
     """
     if max_tokens < 0:
         raise LlamacpuError(f"max tokens must be >= 0, got {max_tokens}")
@@ -74,7 +78,7 @@ def generate(model, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.r
             f"the context of {cache.max_seq} tokens")
     stats = stats if stats is not None else GenerationStats()
     stop_ids = frozenset(stop_ids)
-    recent = list(prompt_ids[-repeat_last_n:]) if repeat_last_n > 0 else []
+    recent = (list(cached_ids[-repeat_last_n:]) + list(prompt_ids))[-repeat_last_n:] if repeat_last_n > 0 else []
 
     t0 = time.perf_counter()
     for i in range(0, len(prompt_ids), PREFILL_CHUNK):

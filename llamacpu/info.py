@@ -23,11 +23,19 @@ KINDS = {
 HF_DTYPE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 
 
+def _rope_scaling(config, has_rope_freqs: bool) -> dict[str, Any] | None:
+    rs = config.rope_scaling
+    if rs is not None:
+        return {"type": rs.rope_type, "factor": rs.factor}
+    return {"type": "freq_factors", "factor": None} if has_rope_freqs else None
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the GGUF file or HF folder at `path`.
 
     Keys: path, format, name, architecture, parameters, layers, hidden_size, intermediate_size,
-    heads, kv_heads, head_dim, vocab_size, context_length, rope_theta, tied_embeddings,
+    heads, kv_heads, head_dim, vocab_size, context_length, rope_theta, rope_scaling (None, or
+    {type, factor}; type "freq_factors" for a GGUF's rope_freqs tensor), sliding_window, tied_embeddings,
     formats ({kind: {format: tensor count}}), bits_per_weight, file_size, tokenizer, chat_template,
     sampling (the file's recommended settings, {} if none).
     """
@@ -58,6 +66,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
         "head_dim": config.head_dim, "vocab_size": config.vocab_size,
         "context_length": config.max_position_embeddings, "rope_theta": config.rope_theta,
+        "rope_scaling": _rope_scaling(config, "rope_freqs" in tensors),
+        "sliding_window": config.sliding_window,
         "tied_embeddings": config.tie_word_embeddings,
         "formats": {kind: dict(sorted(c.items())) for kind, c in sorted(formats.items())},
         "bits_per_weight": round(n_bits / n_params, 3) if n_params else None,

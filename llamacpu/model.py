@@ -48,6 +48,7 @@ class KVCache:
     def __init__(self, config: ModelConfig, max_seq: int, dtype=np.float32):
         if max_seq <= 0:
             raise LlamacpuError("the KV cache needs at least one position")
+        config.check_context(max_seq)  # sliding-window models run only within their window
         if np.dtype(dtype) not in [np.dtype(t) for t in KV_DTYPES]:
             raise LlamacpuError(f"KV cache dtype must be float32 or float16, got {np.dtype(dtype)}")
         shape = (config.num_hidden_layers, max_seq, config.num_key_value_heads, config.head_dim)
@@ -267,7 +268,7 @@ class Model:
         self._xq = np.empty(max(c.hidden_size, c.intermediate_size, c.q_dim), dtype=act)  # decode scratch
 
     def new_cache(self, max_seq: int | None = None, dtype=np.float32) -> KVCache:
-        return KVCache(self.config, max_seq or self.config.max_position_embeddings, dtype)
+        return KVCache(self.config, max_seq or self.config.context_length, dtype)
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (T,) → (T, D) f32, dequantizing only the rows used."""

@@ -73,8 +73,8 @@ def perplexity(runtime, text: str, *, ctx: int = 512, chunks: int | None = None,
     """
     if ctx < 2:
         raise LlamacpuError(f"perplexity needs a context of at least 2 tokens, got {ctx}")
-    if ctx > runtime.config.max_position_embeddings:
-        raise LlamacpuError(f"context {ctx} exceeds the model's {runtime.config.max_position_embeddings} positions")
+    if ctx > runtime.config.context_length:
+        raise LlamacpuError(f"context {ctx} exceeds the model's {runtime.config.context_length} positions")
     if chunks is not None and chunks < 1:
         raise LlamacpuError(f"chunks must be at least 1, got {chunks}")
     if reference is not None and reference.config.vocab_size != runtime.config.vocab_size:

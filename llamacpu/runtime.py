@@ -31,7 +31,8 @@ def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None 
     dequantize: every weight as f32 (the reference path).
     quant: quantize matrices to this format at load (for HF folders, whose weights are
         float; a GGUF already in that format is used as is). None keeps what the file has,
-        except that HF folders are quantized to q8_0.
+        except that HF folders are quantized to q8_0. 4-bit scales are searched with the
+        weights-only importance (no self-calibration at load; `convert` does that).
     threads: kernel threads (None: all available cores).
     """
     t0 = time.perf_counter()
@@ -40,7 +41,10 @@ def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None 
         quant = "q8_0"
     if quant is not None and not dequantize:
         from .convert import quantize_checkpoint
-        ckpt = quantize_checkpoint(ckpt, quant)
+        # No self-calibration here: it would silently sample ~1k tokens in f32 at every load
+        # (about 12 s at 135M). The 4-bit search takes its weights-only importance instead;
+        # `llamacpu convert` calibrates, once.
+        ckpt = quantize_checkpoint(ckpt, quant, calibrate=False)
     model = Model(ckpt.config, ckpt.tensors, threads=threads)
     tokenizer = ckpt.tokenizer()
     template = ckpt.chat_template(tokenizer)

@@ -208,6 +208,41 @@ def test_encode_prompt_raw_and_templated(text_side):
         encode_prompt(tok, None, "Hi")
 
 
+def test_repeat_penalty_does_not_depend_on_what_the_cache_held(text_side):
+    """The penalty window is the conversation's last tokens, whether the earlier turns were
+    reused from the cache or prefilled again (issue 7: it used to cover only the new ones)."""
+    tok, template = text_side
+    (paris,), (rome,), (berlin,) = (tok.encode(w, add_bos=False) for w in (" Paris", " Rome", " Berlin"))
+
+    class Constant:  # prefers " Paris", then " Rome", then " Berlin", whatever it is fed
+        def new_cache(self, max_seq=None):
+            return IdCache(max_seq)
+
+        def forward(self, tokens, cache, *, all_logits=False):
+            cache.ids += [int(t) for t in tokens]
+            cache.pos += len(tokens)
+            logits = np.zeros(tok.vocab_size, dtype=np.float32)
+            logits[paris], logits[rome], logits[berlin] = 2.0, 1.9, 1.5
+            return logits
+
+    def session():
+        return ChatSession(Constant(), tok, template, sampler=make_sampler(0.0), rng=np.random.default_rng(0),
+                           max_seq=512, max_tokens=1, system="Be brief.", repeat_penalty=1.5)
+
+    first = session()
+    assert "".join(p for p in first.say("Name the capital of France: Paris?") if isinstance(p, str)) == " Rome"
+    second = "".join(p for p in first.say("And again?") if isinstance(p, str))
+    assert first.last.reused_tokens > 0  # the first turn came from the cache
+    fresh = session()
+    fresh.messages = list(first.messages[:-2])  # the same conversation, nothing cached
+    again = "".join(p for p in fresh.say("And again?") if isinstance(p, str))
+    assert fresh.last.reused_tokens == 0
+    # " Paris" (the question) and " Rome" (the first answer) are both within the window, reused
+    # from the cache or not: 2.0 / 1.5 and 1.9 / 1.5 fall below " Berlin". (With the window over
+    # the new tokens only, the reused session saw no " Paris" and said it.)
+    assert second == again == " Berlin"
+
+
 def test_parse_command():
     assert parse_command("/system Be nice ") == ("system", "Be nice")
     assert parse_command("/STATS") == ("stats", "")

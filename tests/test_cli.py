@@ -326,11 +326,18 @@ def test_piped_chat_failed_command_is_reported_and_exits_1(tiny):
     assert len(r.stdout.splitlines()) == 1  # "hi" was still answered
 
 
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default disposition. A parent that ignores
+    SIGINT (a background job of a non-interactive shell, some CI runners) passes SIG_IGN on
+    through exec, and Python then installs no KeyboardInterrupt handler, so Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_keeps_what_was_streamed_and_exits_130(tiny):
     # SIGINT at its default in the child, so that Ctrl-C works even under a parent that ignores it
     p = subprocess.Popen([*_command(), "run", str(tiny), "Go on forever.", "--max-tokens", "4000"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=_default_sigint)
     first = p.stdout.read(1)  # generation has started
     p.send_signal(signal.SIGINT)
     rest, err = p.communicate(timeout=120)
@@ -345,8 +352,8 @@ def test_interactive_chat_on_a_terminal(tiny, tmp_path):
     pid, fd = pty.fork()
     if pid == 0:  # the child: become llamacpu chat on the pseudo-terminal
         try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C must work under a parent that ignores it
             os.environ["COLUMNS"] = "120"
+            _default_sigint()
             cmd = _command()
             os.execv(cmd[0], cmd + ["chat", str(tiny), "--max-tokens", "3000", "--temperature", "0"])
         finally:

@@ -360,3 +360,49 @@ def test_generation_config_becomes_gguf_sampling_keys(hf_dir, tmp_path):
         assert fields[key].types == [vtype] and abs(fields[key].contents() - value) < 1e-6, key
     assert "general.sampling.min_p" not in fields
     assert load_checkpoint(out.out).sampling == {"temperature": 0.6, "top_k": 20, "top_p": 0.8, "repeat_penalty": 1.1}
+
+
+def test_quantizing_at_load_does_not_calibrate(hf_dir, tmp_path, monkeypatch):
+    # issue 7: `run ./hf --quant q4_0` silently sampled ~1k tokens in f32 at every load.
+    import llamacpu.calibrate
+
+    def refuse(*a, **k):
+        raise AssertionError("self-calibration ran at load")
+    monkeypatch.setattr(llamacpu.calibrate, "self_calibrate", refuse)
+    rt = open_model(hf_dir, quant="q4_0")
+    convert_model(hf_dir, tmp_path / "off.gguf", "q4_0", calibrate=False)  # the weights-only search
+    off = load_checkpoint(tmp_path / "off.gguf")
+    for name, t in rt.checkpoint.tensors.items():
+        assert t.fmt == off.tensors[name].fmt
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(off.tensors[name].data), err_msg=name)
+    with pytest.raises(AssertionError, match="self-calibration ran"):  # the guard is real
+        convert_model(hf_dir, tmp_path / "on.gguf", "q4_0")
+
+
+def test_transcoded_source_is_converted_from_its_own_values(tmp_path):
+    """A tensor the loader can't run as stored (Q5_0 here) is transcoded to q8_0 at load;
+    convert must start from the file's values instead, not stack a second rounding."""
+    import gguf
+    from llamacpu.loaders.gguf import to_gguf_name
+    c = tiny_config(hidden_size=64, intermediate_size=64)
+    w = random_tensors(c, seed=5)
+    path = tmp_path / "q5.gguf"
+    wr = gguf.GGUFWriter(str(path), "llama")
+    for key, value in c.gguf_metadata().items():
+        (wr.add_float32 if isinstance(value, float) else wr.add_uint32)(key, value)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    wr.add_token_types([1] * c.vocab_size)
+    wr.add_token_merges([])
+    for name, t in w.items():
+        if name != "layers.0.w_up":
+            wr.add_tensor(to_gguf_name(name), t)
+    q5 = gguf.quants.quantize(w["layers.0.w_up"], gguf.GGMLQuantizationType.Q5_0)
+    wr.add_tensor("blk.0.ffn_up.weight", q5, raw_shape=q5.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    assert load_checkpoint(path).transcoded == {"layers.0.w_up": ("Q5_0", "q8_0")}
+    convert_model(path, tmp_path / "f32.gguf", "f32")
+    got = load_checkpoint(tmp_path / "f32.gguf").tensors["layers.0.w_up"].dequantize()
+    want = gguf.quants.dequantize(q5, gguf.GGMLQuantizationType.Q5_0)  # gguf-py, independently
+    np.testing.assert_array_equal(got, want)

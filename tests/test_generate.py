@@ -117,6 +117,23 @@ def test_repeat_penalty_steers_away_from_recent_tokens():
     assert out == [1, 1, 1]
 
 
+def test_repeat_penalty_window_reaches_into_the_cached_ids():
+    class Tied(ScriptedModel):
+        def forward(self, tokens, cache, *, all_logits=False):
+            super().forward(tokens, cache)
+            return np.array([-5, 2.0, 1.9, 1.8, -5, -5, -5, -5, -5], dtype=np.float32)
+    # Sequence [1, 5, 5, 4]: fed whole, or with its first three ids already in the cache.
+    fresh, _, _ = run(Tied([]), [1, 5, 5, 4], max_tokens=3, repeat_penalty=1.5)
+    cache = FakeCache(64)
+    cache.pos = 3
+    reused, _, _ = run(Tied([]), [4], max_tokens=3, repeat_penalty=1.5, cache=cache, cached_ids=[1, 5, 5])
+    assert reused == fresh == [2, 3, 1]  # 1 is penalised from the start either way (greedy: 1, 1, 1)
+    # Only the last repeat_last_n ids count, wherever they sit.
+    far, _, _ = run(Tied([]), [4], max_tokens=1, repeat_penalty=1.5, cache=cache, cached_ids=[1, 5, 5],
+                    repeat_last_n=2)
+    assert far == [1]
+
+
 def test_stats_survive_the_consumer_stopping_early():
     model = ScriptedModel([1] * 20)
     stats = GenerationStats()

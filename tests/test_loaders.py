@@ -158,6 +158,9 @@ def test_gguf_types_without_native_kernels_are_transcoded_with_one_notice(tmp_pa
     assert ck.notices == ["transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
                           "does it once): 1 × Q4_K→q8_0, 1 × Q5_0→q8_0"]
     assert ck.tensors["layers.0.w_up"].fmt == "q8_0" and ck.tensors["layers.1.wq"].fmt == "q8_0"
+    # What was transcoded is data (convert branches on it); the notice is built from it.
+    assert ck.transcoded == {"layers.0.w_up": ("Q4_K", "q8_0"), "layers.1.wq": ("Q5_0", "q8_0")}
+    assert load_checkpoint(path, dequantize=True).transcoded == {}
     expected_up = gguf.quants.dequantize(q4k, gguf.GGMLQuantizationType.Q4_K)
     np.testing.assert_allclose(ck.tensors["layers.0.w_up"].dequantize(),
                                quantize(expected_up, "q8_0").dequantize(), rtol=0, atol=0)

@@ -160,6 +160,18 @@ def test_q4_0_search_kernel_matches_numpy_twin():
     d = np.empty(len(x), np.float32)
     Q._search_kernels()[0](x, a, Q._Q4_0_STEPS, d)
     twin_d, twin_gain = _twin_search_q4_0(x.astype(np.float64), a.astype(np.float64), Q._Q4_0_STEPS)
-    # Same candidate found (up to float32 summation order, which may flip near-ties).
-    np.testing.assert_allclose(d, twin_d, rtol=1e-4, atol=1e-9)
+    # What matters is the objective the chosen scale achieves, not which candidate won: float32
+    # summation order differs between CPUs (AVX2 / AVX-512) and may flip a near-tie (issue 7).
+    # For a fixed scale d, clip(rint(x/d)) is the best rounding, so the kernel's weighted error
+    # must not exceed the twin's best candidate's, sum(a x^2) - gain, beyond float32 rounding.
+    x64, a64, d64 = x.astype(np.float64), a.astype(np.float64), d.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(d64[:, None] != 0, np.clip(np.rint(x64 / d64[:, None]), -8, 7), 0)
+    err = (a64 * (x64 - d64[:, None] * t) ** 2).sum(-1)
+    energy = (a64 * x64 * x64).sum(-1)
+    twin_err = np.where(twin_gain > 0, energy - twin_gain, energy)
+    assert np.all(err <= twin_err * (1 + 1e-4) + 1e-7 * energy), np.argmax(err - twin_err)
+    assert np.all(err[1:] < energy[1:])  # every non-zero block is better than all-zero
+    # The twin picks the same candidate on all but near-ties: the scales agree on most blocks.
+    assert np.mean(np.isclose(d, twin_d, rtol=1e-4, atol=1e-9)) > 0.95
     assert d[0] == 0.0 and twin_gain[0] == -1

@@ -201,7 +201,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return GGUFFile(Path(path)).meta
 
 
-def _tensor(f: GGUFFile, t: TensorInfo, name: str, notices: list[str], dequantize: bool) -> QTensor:
+def _tensor(f: GGUFFile, t: TensorInfo, name: str, transcoded: dict[str, tuple[str, str]],
+            dequantize: bool) -> QTensor:
     import gguf
     qtype = gguf.GGMLQuantizationType(t.ggml_type)
     shape = t.shape
@@ -222,7 +223,7 @@ def _tensor(f: GGUFFile, t: TensorInfo, name: str, notices: list[str], dequantiz
     if dequantize or len(shape) == 1:
         return QTensor("f32", shape, np.ascontiguousarray(w))
     target = "q8_0" if shape[-1] % BLOCK == 0 else "f16"
-    notices.append(f"{qtype.name}→{target}")
+    transcoded[name] = (qtype.name, target)
     return quantize(w, target)
 
 
@@ -240,13 +241,8 @@ def load_gguf(path: Path, *, dequantize: bool = False) -> Checkpoint:
         infos[ours] = t
     config = ModelConfig.from_gguf(f.meta, tied="output" not in infos)
     check_tensors(config, infos, lambda t: t.shape, str(path))
-    transcoded: list[str] = []
+    transcoded: dict[str, tuple[str, str]] = {}
     tensors = {name: _tensor(f, t, name, transcoded, dequantize) for name, t in infos.items()}
-    notices = []
-    if transcoded:  # one line for the whole file, e.g. "transcoded at load: 168 × Q6_K→q8_0"
-        counts = {k: transcoded.count(k) for k in sorted(set(transcoded))}
-        notices.append("transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
-                       "does it once): " + ", ".join(f"{n} × {k}" for k, n in counts.items()))
     sampling = sampling_from_gguf(f.meta, path.name)
-    return Checkpoint(config=config, tensors=tensors, source=path, meta=f.meta, notices=notices,
+    return Checkpoint(config=config, tensors=tensors, source=path, meta=f.meta, transcoded=transcoded,
                       sampling=sampling, sampling_source=f"{path.name} (general.sampling.*)" if sampling else None)
