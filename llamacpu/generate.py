@@ -240,6 +240,7 @@ class Completion:
 
 def complete(model, tokenizer, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator,
              max_tokens: int, stop: Iterable[str] = (), repeat_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              result: Completion | None = None) -> Iterator[str]:
     """Generate for `prompt_ids` and yield text pieces as they become final, stopping at the
     tokenizer's stop ids, `max_tokens`, or a `stop` string (which is not yielded).
@@ -249,7 +250,8 @@ def complete(model, tokenizer, prompt_ids: list[int], *, cache, sampler: Sampler
     result = result if result is not None else Completion()
     text = TextStream(tokenizer, stop)
     tokens = generate(model, prompt_ids, cache=cache, sampler=sampler, rng=rng, max_tokens=max_tokens,
-                      stop_ids=tokenizer.stop_ids, repeat_penalty=repeat_penalty, stats=result.stats)
+                      stop_ids=tokenizer.stop_ids, repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                      frequency_penalty=frequency_penalty, stats=result.stats)
     try:
         for token in tokens:
             result.token_ids.append(token)
