@@ -424,7 +424,7 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.jobs.qsize()}
 
     @app.get("/v1/models")
     async def models(request: Request):
