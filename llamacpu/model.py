@@ -217,6 +217,7 @@ class Model:
         self.act_dtype = ACT_DTYPES[act_bits]
         self.threads = threads or default_threads()
         self.thread_chooser = ThreadChooser(self.threads)  # decode steps
+        self.batch_chooser = ThreadChooser(self.threads)  # layers of batched decode steps (`forward_batch`)
         self._prefilled = False  # the first prefill also loads kernels: its first layers are not timed
         self.embed = tensors["embed"]  # (V, D)
         self.norm = tensors["norm"].dequantize()  # (D,)
@@ -320,7 +321,8 @@ class Model:
         for token, cache in zip(tokens, caches):
             self._check([token], cache)
         numba.set_num_threads(self.threads)
-        return self._prefill(tokens, [(cache, b, b + 1) for b, cache in enumerate(caches)], False)
+        spans = [(cache, b, b + 1) for b, cache in enumerate(caches)]
+        return self._prefill(tokens, spans, False, chooser=self.batch_chooser)
 
     def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token through the fused kernel → logits (V,)."""
@@ -354,17 +356,20 @@ class Model:
         outs = [lin(h, self._panel) for lin in group]
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
-    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool) -> np.ndarray:
+    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool,
+                 chooser: ThreadChooser | None = None) -> np.ndarray:
         """The layer loop over T rows. Rows r0:r1 of each span (cache, r0, r1) continue that cache
         from its position: a prefill is one span of T rows, a batched decode B spans of one row.
-        Returns logits (T, V) if `all_logits`, else (spans, V) for each span's last row."""
+        Returns logits (T, V) if `all_logits`, else (spans, V) for each span's last row.
+        `chooser` keeps the thread choice across calls of one size (batched decode steps)."""
         c = self.config
         T, H, Hkv, hd, F = len(tokens), c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
         x = self.embed_tokens(tokens)  # (T, D)
         # Thread count chosen per layer by timing (layers cost the same): BLAS and kernels
         # collapse with 2 threads when the other core is busy. Fresh per call, as T varies.
-        chooser = ThreadChooser(self.threads, warmed=self._prefilled)
-        self._prefilled = True
+        if chooser is None:
+            chooser = ThreadChooser(self.threads, warmed=self._prefilled)
+            self._prefilled = True
         for li, layer in enumerate(self.layers):
             nt = chooser.pick()
             numba.set_num_threads(nt)
