@@ -6,5 +6,6 @@
 __version__ = "0.1.0"
 
 from .api import LLM, Sampling, TokenLogprob, load  # noqa: E402  (after __version__, which setup tools read)
+from .generate import Completion  # noqa: E402
 
-__all__ = ["LLM", "Sampling", "TokenLogprob", "load", "__version__"]
+__all__ = ["LLM", "Completion", "Sampling", "TokenLogprob", "load", "__version__"]

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")  # the test extra pins it; this only names the dependency
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
