@@ -104,6 +104,7 @@ class Scheduler:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llamacpu-scheduler", daemon=True)
+        self.max_batch = 0  # the most sequences decoded in one step so far (for /health)
 
     def start(self) -> None:
         self._thread.start()
@@ -176,26 +177,16 @@ class Scheduler:
             if a.job.cancelled.is_set():
                 self._finish(a, "cancelled")
                 continue
-            logits = a.seq.logits
-            token = a.seq.next_token()
-            if token is None:
-                self._finish(a, a.seq.stats.stop_reason)
+            try:
+                token = self._draw(a)
+            except Exception as e:  # noqa: BLE001  (one job's failure ends that job only)
+                self._finish(a, None, error=_message(e))
                 continue
-            a.out.append(token)
-            entry = None
-            if a.job.logprobs is not None:
-                logp = log_softmax(logits)
-                entry = TokenLogprob(token, token_text(self.tokenizer, token), float(logp[token]),
-                                     top_logprobs(logp, a.job.logprobs))
-            a.job.deliver(("token", token, a.text.push(token), entry))
-            if a.text.stopped:
-                self._finish(a, "stop")
-            elif a.seq.finished:
-                self._finish(a, a.seq.stats.stop_reason)
-            else:
+            if token is not None:
                 going.append((a, token))
         if not going:
             return
+        self.max_batch = max(self.max_batch, len(going))
         try:
             if len(going) == 1:
                 a, token = going[0]
@@ -209,6 +200,28 @@ class Scheduler:
                 a.slot.cache.truncate(0)
                 a.slot.ids = []
                 self._finish(a, None, error=_message(e))
+
+    def _draw(self, a: _Active) -> int | None:
+        """Draw a's next token and send it; the token if a goes on, None if it ended."""
+        logits = a.seq.logits
+        token = a.seq.next_token()
+        if token is None:
+            self._finish(a, a.seq.stats.stop_reason)
+            return None
+        a.out.append(token)
+        entry = None
+        if a.job.logprobs is not None:
+            logp = log_softmax(logits)
+            entry = TokenLogprob(token, token_text(self.tokenizer, token), float(logp[token]),
+                                 top_logprobs(logp, a.job.logprobs))
+        a.job.deliver(("token", token, a.text.push(token), entry))
+        if a.text.stopped:
+            self._finish(a, "stop")
+        elif a.seq.finished:
+            self._finish(a, a.seq.stats.stop_reason)
+        else:
+            return token
+        return None
 
     def _finish(self, a: _Active, reason: str | None, error: tuple[str, int] | None = None) -> None:
         self.active.remove(a)
@@ -424,7 +437,8 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.jobs.qsize()}
+        return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.jobs.qsize(),
+                "slots": len(scheduler.slots), "max_batch": scheduler.max_batch}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -144,7 +144,7 @@ def test_completion_echo_logprobs_equal_the_python_api(client, smollm2_path):
     assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
 
 
-def test_four_concurrent_streams_each_equal_their_sequential_answer(client):
+def test_four_concurrent_streams_each_equal_their_sequential_answer(server, client):
     sequential = [_chat(client, p, max_tokens=32).choices[0].message.content for p in PROMPTS]
     results: dict[int, str] = {}
 
@@ -157,6 +157,7 @@ def test_four_concurrent_streams_each_equal_their_sequential_answer(client):
     for t in threads:
         t.join(timeout=120)
     assert [results.get(i) for i in range(len(PROMPTS))] == sequential
+    assert httpx.get(server + "/health").json()["max_batch"] >= 3  # they were decoded together
 
 
 def test_bad_requests_get_400_in_openai_shape_and_the_server_keeps_serving(server, client):
