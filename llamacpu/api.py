@@ -239,7 +239,7 @@ class LLM:
                                 sampler=make_sampler(s.temperature, s.top_k, s.top_p, s.min_p),
                                 rng=np.random.default_rng(s.seed), max_tokens=max_tokens, stop=stop,
                                 repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
-                                frequency_penalty=s.frequency_penalty, result=result)
+                                frequency_penalty=s.frequency_penalty, earlier_ids=ids[:reused], result=result)
         finally:
             slot.record(ids + result.token_ids)
 

@@ -68,13 +68,15 @@ class Sequence:
     the model (its logits would be unused, or could not be computed in a full cache).
 
     `repeat_penalty` (llama.cpp's rule) applies to the last `repeat_last_n` ids of prompt and
-    output; `presence_penalty` / `frequency_penalty` (OpenAI's rule) to the ids generated so far.
+    output, the prompt counting from `earlier_ids` (what the cache held before `prompt_ids`, when
+    a cached prefix is reused); `presence_penalty` / `frequency_penalty` (OpenAI's rule) apply
+    to the ids generated so far.
     """
 
     def __init__(self, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator | None,
                  max_tokens: int, stop_ids: Iterable[int] = (), repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 stats: GenerationStats | None = None):
+                 earlier_ids: list[int] = (), stats: GenerationStats | None = None):
         if max_tokens < 0:
             raise LlamacpuError(f"max tokens must be >= 0, got {max_tokens}")
         check_repeat_penalty(repeat_penalty)
@@ -90,7 +92,7 @@ class Sequence:
         self.repeat_penalty, self.repeat_last_n = repeat_penalty, repeat_last_n
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         self.stats = stats if stats is not None else GenerationStats()
-        self.recent = list(prompt_ids[-repeat_last_n:]) if repeat_last_n > 0 else []
+        self.recent = list((list(earlier_ids) + list(prompt_ids))[-repeat_last_n:]) if repeat_last_n > 0 else []
         self.counts: dict[int, int] = {}  # generated id -> times, for the OpenAI penalties
         self.logits: np.ndarray | None = None  # (V,) the model's logits for the next token
         self.finished = False
@@ -146,7 +148,7 @@ class Sequence:
 def generate(model, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator,
              max_tokens: int, stop_ids: Iterable[int] = (), repeat_penalty: float = 1.0,
              repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-             stats: GenerationStats | None = None) -> Iterator[int]:
+             earlier_ids: list[int] = (), stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield generated token ids after prefilling `prompt_ids` at `cache.pos`.
 
     A stop id ends generation and is not yielded. The last yielded token is not fed to the
@@ -156,7 +158,7 @@ def generate(model, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.r
     """
     seq = Sequence(prompt_ids, cache=cache, sampler=sampler, rng=rng, max_tokens=max_tokens, stop_ids=stop_ids,
                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, stats=stats)
+                   frequency_penalty=frequency_penalty, earlier_ids=earlier_ids, stats=stats)
     seq.prefill(model)
     t1 = time.perf_counter()
     try:
@@ -240,7 +242,7 @@ class Completion:
 
 def complete(model, tokenizer, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator,
              max_tokens: int, stop: Iterable[str] = (), repeat_penalty: float = 1.0,
-             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, earlier_ids: list[int] = (),
              result: Completion | None = None) -> Iterator[str]:
     """Generate for `prompt_ids` and yield text pieces as they become final, stopping at the
     tokenizer's stop ids, `max_tokens`, or a `stop` string (which is not yielded).
@@ -251,7 +253,7 @@ def complete(model, tokenizer, prompt_ids: list[int], *, cache, sampler: Sampler
     text = TextStream(tokenizer, stop)
     tokens = generate(model, prompt_ids, cache=cache, sampler=sampler, rng=rng, max_tokens=max_tokens,
                       stop_ids=tokenizer.stop_ids, repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                      frequency_penalty=frequency_penalty, stats=result.stats)
+                      frequency_penalty=frequency_penalty, earlier_ids=earlier_ids, stats=result.stats)
     try:
         for token in tokens:
             result.token_ids.append(token)

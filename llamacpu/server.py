@@ -156,7 +156,7 @@ class Scheduler:
                            rng=np.random.default_rng(s.seed), max_tokens=job.max_tokens,
                            stop_ids=self.tokenizer.stop_ids, repeat_penalty=s.repeat_penalty,
                            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                           stats=GenerationStats())
+                           earlier_ids=job.ids[:reused], stats=GenerationStats())
             scorer = PromptScorer(self.tokenizer, job.ids, job.logprobs or 0) if job.echo_logprobs else None
             seq.prefill(self.model, on_logits=scorer)
         except Exception as e:  # noqa: BLE001  (a bad request must not stop the server)

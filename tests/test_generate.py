@@ -117,6 +117,20 @@ def test_repeat_penalty_steers_away_from_recent_tokens():
     assert out == [1, 1, 1]
 
 
+def test_repeat_penalty_window_includes_ids_already_cached():
+    class Tied(ScriptedModel):
+        def forward(self, tokens, cache, *, all_logits=False):
+            super().forward(tokens, cache)
+            return np.array([-5, 2.0, 1.9, 1.8, -5, -5, -5, -5, -5], dtype=np.float32)
+    cache = FakeCache(64)
+    cache.pos = 1  # id 1 was prefilled by an earlier request and is reused
+    out, _, _ = run(Tied([]), [4], max_tokens=1, repeat_penalty=1.5, cache=cache, earlier_ids=[1])
+    assert out == [2]  # as if the whole prompt [1, 4] had been prefilled now
+    cache.pos = 1
+    out, _, _ = run(Tied([]), [4], max_tokens=1, repeat_penalty=1.5, cache=cache)
+    assert out == [1]
+
+
 def test_presence_and_frequency_penalties_count_only_generated_tokens():
     class Tied(ScriptedModel):
         def forward(self, tokens, cache, *, all_logits=False):
