@@ -662,7 +662,7 @@ def serve(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
-    verbose: Verbose = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request on stderr.")] = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
@@ -678,6 +678,8 @@ def serve(
         raise LlamacpuError(f"--host {host} serves beyond this machine: give --api-key KEY (or LLAMACPU_API_KEY)")
     if parallel < 1:
         raise LlamacpuError(f"--parallel must be at least 1, got {parallel}")
+    if not 0 <= port <= 65535:
+        raise LlamacpuError(f"--port must be in 0..65535, got {port}")
     rt = _open(model, quant=quant, threads=threads)
     _notices(rt, True)
     llm = LLM(rt, ctx=_context_size(rt, ctx))
