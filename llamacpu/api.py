@@ -16,7 +16,7 @@ use one per thread, or the server (`llamacpu serve`), which batches many request
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -26,7 +26,7 @@ from .chat import common_prefix, encode_messages
 from .errors import LlamacpuError
 from .generate import Completion, Sequence, complete
 from .runtime import Runtime, open_model
-from .sampling import check_repeat_penalty, make_sampler
+from .sampling import check_presence_frequency, check_repeat_penalty, make_sampler
 
 CTX = 4096  # default context (KV cache) size in tokens, capped at the model's
 
@@ -58,7 +58,6 @@ class Sampling:
         """Raise LlamacpuError naming the first setting out of its range; return self."""
         make_sampler(self.temperature, self.top_k, self.top_p, self.min_p)
         check_repeat_penalty(self.repeat_penalty)
-        from .sampling import check_presence_frequency
         check_presence_frequency(self.presence_penalty, self.frequency_penalty)
         return self
 
@@ -202,7 +201,7 @@ class LLM:
         given = {k: v for k, v in settings.items() if v is not None}
         s = Sampling(**{**{k: getattr(self.defaults, k) for k in SAMPLING_KEYS}, **given})
         if s.seed is None:
-            s = Sampling(**{**s.__dict__, "seed": random.SystemRandom().randrange(2 ** 32)})
+            s = replace(s, seed=random.SystemRandom().randrange(2 ** 32))
         return s.check()
 
     # ---- generation ----------------------------------------------------------------------------
