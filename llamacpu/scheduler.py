@@ -35,7 +35,7 @@ class Job:
     """One prompt to complete. `deliver(event)` is called from the scheduler thread with
     ("prompt", [TokenLogprob]) if `echo_logprobs`, ("token", id, text piece, TokenLogprob | None)
     per token (id None for held-back text released at the end), then ("done", finish reason,
-    prompt tokens, completion tokens) or ("error", message, HTTP status)."""
+    prompt tokens, completion tokens, prompt tokens found in the cache) or ("error", message, HTTP status)."""
 
     ids: list[int]
     sampling: Sampling
@@ -53,6 +53,7 @@ class _Active:
     slot: Slot
     seq: Sequence
     text: TextStream
+    cached: int  # prompt ids whose K/V were already in the slot
     out: list[int] = field(default_factory=list)
 
 
@@ -133,7 +134,7 @@ class Scheduler:
         slot.record(job.ids)
         if scorer is not None:
             job.deliver(("prompt", scorer.entries))
-        self.active.append(_Active(job, slot, seq, TextStream(self.tokenizer, job.stop)))
+        self.active.append(_Active(job, slot, seq, TextStream(self.tokenizer, job.stop), reused))
 
     def _step(self) -> None:
         """Draw a token for every active job, then run the ones that go on through the model."""
@@ -202,7 +203,7 @@ class Scheduler:
             rest = a.text.flush()
             if rest:
                 a.job.deliver(("token", None, rest, None))
-        a.job.deliver(("done", FINISH.get(reason, "stop"), len(a.job.ids), len(a.out)))
+        a.job.deliver(("done", FINISH.get(reason, "stop"), len(a.job.ids), len(a.out), a.cached))
 
 
 def error_of(e: Exception) -> tuple[str, int]:

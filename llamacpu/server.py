@@ -313,7 +313,7 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
                     if ev[3] is not None:
                         content.append(_chat_logprob(llm.tokenizer, ev[3]))
                 elif ev[0] == "done":
-                    finish, usage = ev[1], _usage(ev[2], ev[3])
+                    finish, usage = ev[1], _usage(ev[2], ev[3], ev[4])
                 elif ev[0] == "error":
                     raise ApiError(ev[2], ev[1], kind=_kind(ev[2]))
         finally:
@@ -338,7 +338,7 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
             elif ev[0] == "done":
                 yield chunk({}, finish=ev[1])
                 if include_usage:
-                    yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev[2], ev[3])}
+                    yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev[2], ev[3], ev[4])}
             elif ev[0] == "error":
                 yield ApiError(ev[2], ev[1], kind=_kind(ev[2])).body()
 
@@ -371,7 +371,7 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
             return _sse(request, jobs, _completion_chunks(submitted, ids_list, texts, req, head, usage))
         watcher = asyncio.create_task(watch(request, jobs))
         try:
-            choices, prompt_tokens, completion_tokens = [], 0, 0
+            choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
             for i, (job, events) in enumerate(submitted):
                 choice = _Choice(llm.tokenizer, ids_list[i], texts[i], req)
                 async for ev in events:
@@ -381,12 +381,13 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
                 choices.append({"index": i, **choice.result()})
                 prompt_tokens += choice.prompt_tokens
                 completion_tokens += choice.completion_tokens
+                cached_tokens += choice.cached_tokens
         finally:
             watcher.cancel()
-        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     async def _completion_chunks(submitted, ids_list, texts, req, head, include_usage) -> AsyncIterator[dict]:
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         for i, (job, events) in enumerate(submitted):
             choice = _Choice(llm.tokenizer, ids_list[i], texts[i], req)
             async for ev in events:
@@ -399,8 +400,9 @@ def create_app(llm: LLM, *, parallel: int = PARALLEL, api_key: str | None = None
                     yield {**c, "usage": None} if include_usage else c
             prompt_tokens += choice.prompt_tokens
             completion_tokens += choice.completion_tokens
+            cached_tokens += choice.cached_tokens
         if include_usage:
-            yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+            yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def _sse(request: Request, jobs: Job | list[Job], chunks: AsyncIterator[dict]):
         jobs = jobs if isinstance(jobs, list) else [jobs]
@@ -437,8 +439,10 @@ def _kind(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage object; `cached` prompt tokens came from a KV cache (a shared prefix)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _chat_logprob(tokenizer, e: TokenLogprob) -> dict:
@@ -460,7 +464,7 @@ class _Choice:
         self.offset = len(prompt_text)  # characters before the next generated token
         self.decoder = tokenizer.stream_decoder(continuation=True)
         self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        self.finish, self.prompt_tokens, self.completion_tokens = None, len(ids), 0
+        self.finish, self.prompt_tokens, self.completion_tokens, self.cached_tokens = None, len(ids), 0, 0
 
     def _add_entries(self, entries: list[TokenLogprob], offsets: list[int]) -> dict:
         part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -495,7 +499,7 @@ class _Choice:
                 return None
             return {"text": piece, "logprobs": part, "finish_reason": None}
         if ev[0] == "done":
-            self.finish, self.completion_tokens = ev[1], ev[3]
+            self.finish, self.completion_tokens, self.cached_tokens = ev[1], ev[3], ev[4]
             return {"text": "", "logprobs": None, "finish_reason": ev[1]}
         return None
 

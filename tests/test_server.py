@@ -96,6 +96,16 @@ def test_chat_at_temperature_0_is_what_run_json_gives(client, smollm2_path):
     assert got.choices[0].finish_reason == ("stop" if want["stop_reason"] == "eos" else "length")
 
 
+def test_a_shared_prompt_prefix_comes_from_the_cache(client):
+    first = _chat(client, "Tell me a fact about owls.")
+    again = _chat(client, "Tell me a fact about owls.")
+    assert again.choices[0].message.content == first.choices[0].message.content
+    # Every prompt token but the last (whose logits are needed) was already in a slot.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    other = _chat(client, "Tell me a fact about cats.")  # shares the system turn and "Tell me a fact about"
+    assert 0 < other.usage.prompt_tokens_details.cached_tokens < other.usage.prompt_tokens - 2
+
+
 def test_streaming_chat_ends_with_the_usage_chunk(client):
     whole = _chat(client, QUESTION)
     chunks = list(_chat(client, QUESTION, stream=True, stream_options={"include_usage": True}))
