@@ -207,7 +207,7 @@ class ChatSession:
         tokens = generate(self.model, ids[reused:], cache=self.cache, sampler=self.sampler, rng=self.rng,
                           max_tokens=self.max_tokens, stop_ids=self.tokenizer.stop_ids,
                           repeat_penalty=self.repeat_penalty, stats=self.last.generation,
-                          cached_ids=ids[:reused])  # the penalty window spans the conversation
+                          earlier_ids=ids[:reused])  # the penalty window spans the conversation
         try:
             for token in tokens:
                 answer_ids.append(token)

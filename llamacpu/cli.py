@@ -976,6 +976,49 @@ class _ChunkProgress:
         self._progress.stop()
 
 
+# ---- serve --------------------------------------------------------------------------------------
+
+@app.command(epilog="Examples:\n\n"
+                    "llamacpu serve\n\n"
+                    "llamacpu serve model.gguf --port 8000 --parallel 8\n\n"
+                    "LLAMACPU_API_KEY=secret llamacpu serve --host 0.0.0.0")
+@_guarded
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Beyond 127.0.0.1 an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LLAMACPU_API_KEY", help="Require this key as 'Authorization: Bearer KEY'.", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option(help="Requests decoded together (each has its own KV cache); more wait.")] = 4,
+    ctx: Ctx = CTX,
+    quant: Quant = None,
+    threads: Threads = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request on stderr.")] = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+
+    Ctrl-C or SIGTERM stops taking requests, finishes those in flight, and exits.
+    """
+    try:
+        from .server import serve as run_server
+    except ImportError as e:
+        raise LlamacpuError(f"serve needs the 'serve' extra: pip install 'llamacpu[serve]' ({e})") from None
+    from .api import LLM
+    from .server import is_loopback
+    if not is_loopback(host) and not api_key:
+        raise LlamacpuError(f"--host {host} serves beyond this machine: give --api-key KEY (or LLAMACPU_API_KEY)")
+    if parallel < 1:
+        raise LlamacpuError(f"--parallel must be at least 1, got {parallel}")
+    if not 0 <= port <= 65535:
+        raise LlamacpuError(f"--port must be in 0..65535, got {port}")
+    rt = _open(model, quant=quant, threads=threads)
+    _notices(rt, True)
+    llm = LLM(rt, ctx=_context_size(rt, ctx), spec=model)
+    run_server(llm, host=host, port=port, api_key=api_key, parallel=parallel, access_log=verbose,
+               on_ready=lambda url: _say(f"serving {llm.name} on {url}/v1 (context {llm.ctx}, "
+                                         f"{parallel} parallel; Ctrl-C to stop)"))
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """The generation loop: prefill a prompt into a KV cache, then sample one token at a time.
 
 Two layers, kept apart:
+- `Sequence`: one generation's per-token rules, stepped by whoever runs the model (`generate`
+  below, or the server's batched decode).
 - `generate(...)`: a Python generator over token ids. It ends at a stop id (EOS, end of turn)
   or after `max_tokens`, and records counts, timings and the stop reason in a `GenerationStats`
   the caller passes in, so they are there even if the caller stops early (Ctrl-C).
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .errors import LlamacpuError
-from .sampling import Sampler, apply_repeat_penalty, check_repeat_penalty
+from .sampling import (Sampler, apply_presence_frequency, apply_repeat_penalty, check_presence_frequency,
+                       check_repeat_penalty)
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the (T, S) attention scores and (T, F) activations
 
@@ -53,67 +56,123 @@ class GenerationStats:
         }
 
 
+class Sequence:
+    """One generation between forward passes, for loops that run the model themselves.
+
+    `prefill(model)` runs the prompt into `cache`; then `next_token()` draws from `logits`
+    (or returns None when generation is over, with `stats.stop_reason` set), and unless
+    `finished`, the caller runs the model on that token and hands back its logits with
+    `advance(logits)`: `generate` below calls `model.forward` for one sequence, the server
+    one `model.forward_batch` for all its sequences. The per-token rules live here, once:
+    penalties, stop ids, `max_tokens`, and a full cache. The last token drawn is never fed to
+    the model (its logits would be unused, or could not be computed in a full cache).
+
+    `repeat_penalty` (llama.cpp's rule) applies to the last `repeat_last_n` ids of prompt and
+    output, the prompt counting from `earlier_ids` (what the cache held before `prompt_ids`, when
+    a cached prefix is reused); `presence_penalty` / `frequency_penalty` (OpenAI's rule) apply
+    to the ids generated so far.
+    """
+
+    def __init__(self, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator | None,
+                 max_tokens: int, stop_ids: Iterable[int] = (), repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 earlier_ids: list[int] = (), stats: GenerationStats | None = None):
+        if max_tokens < 0:
+            raise LlamacpuError(f"max tokens must be >= 0, got {max_tokens}")
+        check_repeat_penalty(repeat_penalty)
+        check_presence_frequency(presence_penalty, frequency_penalty)
+        if not prompt_ids:
+            raise LlamacpuError("the prompt is empty (no tokens)")
+        if cache.pos + len(prompt_ids) > cache.max_seq:
+            raise LlamacpuError(
+                f"the prompt ({len(prompt_ids)} tokens after {cache.pos} cached) does not fit "
+                f"the context of {cache.max_seq} tokens")
+        self.prompt_ids, self.cache, self.sampler, self.rng = list(prompt_ids), cache, sampler, rng
+        self.max_tokens, self.stop_ids = max_tokens, frozenset(stop_ids)
+        self.repeat_penalty, self.repeat_last_n = repeat_penalty, repeat_last_n
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.stats = stats if stats is not None else GenerationStats()
+        self.recent = (list(earlier_ids[-repeat_last_n:]) + list(prompt_ids))[-repeat_last_n:] if repeat_last_n > 0 else []
+        self.counts: dict[int, int] = {}  # generated id -> times, for the OpenAI penalties
+        self.logits: np.ndarray | None = None  # (V,) the model's logits for the next token
+        self.finished = False
+
+    def prefill(self, model, on_logits: Callable[[int, np.ndarray], None] | None = None) -> None:
+        """Run the prompt into the cache in chunks. With `on_logits`, every prompt position's
+        logits are computed and passed on as `on_logits(offset in the prompt, logits (T, V))`."""
+        t0 = time.perf_counter()
+        ids = self.prompt_ids
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[i:i + PREFILL_CHUNK]
+            if on_logits is None:
+                self.logits = model.forward(chunk, self.cache)  # (V,) for the chunk's last token
+            else:
+                logits = model.forward(chunk, self.cache, all_logits=True)  # (T, V)
+                on_logits(i, logits)
+                self.logits = logits[-1]
+            self.stats.prompt_tokens += len(chunk)
+        self.stats.prefill_seconds = time.perf_counter() - t0
+
+    def next_token(self) -> int | None:
+        """The next token drawn from `logits`, or None when generation is over."""
+        stats = self.stats
+        if self.finished:
+            return None
+        if stats.completion_tokens >= self.max_tokens:  # max_tokens == 0
+            stats.stop_reason, self.finished = "length", True
+            return None
+        logits = self.logits
+        if self.repeat_penalty != 1.0 and self.recent:
+            logits = apply_repeat_penalty(logits, self.recent, self.repeat_penalty)
+        if self.counts and (self.presence_penalty or self.frequency_penalty):
+            logits = apply_presence_frequency(logits, self.counts, self.presence_penalty, self.frequency_penalty)
+        token = self.sampler(logits, self.rng)
+        if token in self.stop_ids:
+            stats.stop_reason, self.finished = "eos", True
+            return None
+        stats.completion_tokens += 1
+        if stats.completion_tokens >= self.max_tokens or self.cache.pos >= self.cache.max_seq:
+            stats.stop_reason, self.finished = "length", True
+        if self.repeat_last_n > 0:
+            self.recent.append(token)
+            del self.recent[:-self.repeat_last_n]
+        self.counts[token] = self.counts.get(token, 0) + 1
+        return token
+
+    def advance(self, logits: np.ndarray) -> None:
+        """Hand back the logits (V,) of the token `next_token` returned, after the model ran it."""
+        self.logits = logits
+        self.stats.decode_steps += 1
+
+
 def generate(model, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator,
              max_tokens: int, stop_ids: Iterable[int] = (), repeat_penalty: float = 1.0,
-             repeat_last_n: int = 64, stats: GenerationStats | None = None,
-             cached_ids: Sequence[int] = ()) -> Iterator[int]:
+             repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             earlier_ids: list[int] = (), stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield generated token ids after prefilling `prompt_ids` at `cache.pos`.
 
     A stop id ends generation and is not yielded. The last yielded token is not fed to the
     model (its logits are never needed), so afterwards `cache.pos` covers the prompt and all
-    yielded ids but the last. `repeat_penalty` applies to the last `repeat_last_n` ids of the
-    whole sequence: `cached_ids` (the ids already in the cache, e.g. a chat's earlier turns;
-    only their tail is read), the prompt and the output, so sampling does not depend on how
-    much of the sequence the cache happened to hold. Generation also ends, with reason
-    "length", when the cache is full.
+    yielded ids but the last. Generation also ends, with reason "length", when the cache is
+    full. Penalties: see `Sequence`.
     """
-    if max_tokens < 0:
-        raise LlamacpuError(f"max tokens must be >= 0, got {max_tokens}")
-    check_repeat_penalty(repeat_penalty)
-    if not prompt_ids:
-        raise LlamacpuError("the prompt is empty (no tokens)")
-    if cache.pos + len(prompt_ids) > cache.max_seq:
-        raise LlamacpuError(
-            f"the prompt ({len(prompt_ids)} tokens after {cache.pos} cached) does not fit "
-            f"the context of {cache.max_seq} tokens")
-    stats = stats if stats is not None else GenerationStats()
-    stop_ids = frozenset(stop_ids)
-    recent = (list(cached_ids[-repeat_last_n:]) + list(prompt_ids))[-repeat_last_n:] if repeat_last_n > 0 else []
-
-    t0 = time.perf_counter()
-    for i in range(0, len(prompt_ids), PREFILL_CHUNK):
-        logits = model.forward(prompt_ids[i:i + PREFILL_CHUNK], cache)  # (V,) for the chunk's last token
-        stats.prompt_tokens += len(prompt_ids[i:i + PREFILL_CHUNK])
+    seq = Sequence(prompt_ids, cache=cache, sampler=sampler, rng=rng, max_tokens=max_tokens, stop_ids=stop_ids,
+                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, earlier_ids=earlier_ids, stats=stats)
+    seq.prefill(model)
     t1 = time.perf_counter()
-    stats.prefill_seconds = t1 - t0
     try:
-        while stats.completion_tokens < max_tokens:
-            if repeat_penalty != 1.0 and recent:
-                logits = apply_repeat_penalty(logits, recent, repeat_penalty)
-            token = sampler(logits, rng)
-            if token in stop_ids:
-                stats.stop_reason = "eos"
-                return
-            stats.completion_tokens += 1
-            # The last token's logits would be unused (max_tokens) or could not be computed (full cache).
-            last = stats.completion_tokens >= max_tokens or cache.pos >= cache.max_seq
-            if last:
-                stats.stop_reason = "length"
+        while (token := seq.next_token()) is not None:
             yield token
-            if last:
+            if seq.finished:
                 return
-            if repeat_last_n > 0:
-                recent.append(token)
-                del recent[:-repeat_last_n]
-            logits = model.forward([token], cache)
-            stats.decode_steps += 1
-        stats.stop_reason = "length"  # max_tokens == 0
+            seq.advance(model.forward([token], cache))
     except KeyboardInterrupt:
-        stats.stop_reason = "interrupted"
+        seq.stats.stop_reason = "interrupted"
         raise
     finally:
         # Also runs when the consumer closes us early; it then sets the stop reason itself.
-        stats.decode_seconds = time.perf_counter() - t1
+        seq.stats.decode_seconds = time.perf_counter() - t1
 
 
 class TextStream:
@@ -183,6 +242,7 @@ class Completion:
 
 def complete(model, tokenizer, prompt_ids: list[int], *, cache, sampler: Sampler, rng: np.random.Generator,
              max_tokens: int, stop: Iterable[str] = (), repeat_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, earlier_ids: list[int] = (),
              result: Completion | None = None) -> Iterator[str]:
     """Generate for `prompt_ids` and yield text pieces as they become final, stopping at the
     tokenizer's stop ids, `max_tokens`, or a `stop` string (which is not yielded).
@@ -192,7 +252,8 @@ def complete(model, tokenizer, prompt_ids: list[int], *, cache, sampler: Sampler
     result = result if result is not None else Completion()
     text = TextStream(tokenizer, stop)
     tokens = generate(model, prompt_ids, cache=cache, sampler=sampler, rng=rng, max_tokens=max_tokens,
-                      stop_ids=tokenizer.stop_ids, repeat_penalty=repeat_penalty, stats=result.stats)
+                      stop_ids=tokenizer.stop_ids, repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                      frequency_penalty=frequency_penalty, earlier_ids=earlier_ids, stats=result.stats)
     try:
         for token in tokens:
             result.token_ids.append(token)

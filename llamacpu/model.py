@@ -218,6 +218,7 @@ class Model:
         self.act_dtype = ACT_DTYPES[act_bits]
         self.threads = threads or default_threads()
         self.thread_chooser = ThreadChooser(self.threads)  # decode steps
+        self.batch_chooser = ThreadChooser(self.threads)  # layers of batched decode steps (`forward_batch`)
         self._prefilled = False  # the first prefill also loads kernels: its first layers are not timed
         self.embed = tensors["embed"]  # (V, D)
         self.norm = tensors["norm"].dequantize()  # (D,)
@@ -302,7 +303,27 @@ class Model:
         if len(tokens) == 1 and self.decode_weights is not None:
             logits = self._decode(tokens, cache)
             return logits[None] if all_logits else logits
-        return self._prefill(tokens, cache, all_logits)
+        logits = self._prefill(tokens, [(cache, 0, len(tokens))], all_logits)
+        return logits if all_logits else logits[0]
+
+    def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
+        """One new token for each of B sequences, each at its own cache's position: tokens (B,)
+        and B distinct caches → logits (B, V); each token's K/V is appended to its cache.
+
+        The B rows go through the layers together, so every matrix product is one `Linear` call
+        on (B, D) rows and reads each weight once per step for all the sequences; only
+        attention runs per sequence, over its own cache. This is a server's batched decode;
+        a lone sequence decodes faster through `forward`'s fused kernel.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) != len(caches) or len({id(cache) for cache in caches}) != len(caches):
+            raise LlamacpuError(f"forward_batch takes one distinct cache per token: "
+                                f"{len(tokens)} tokens, {len(caches)} caches")
+        for token, cache in zip(tokens, caches):
+            self._check([token], cache)
+        numba.set_num_threads(self.threads)
+        spans = [(cache, b, b + 1) for b, cache in enumerate(caches)]
+        return self._prefill(tokens, spans, False, chooser=self.batch_chooser)
 
     def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token through the fused kernel → logits (V,)."""
@@ -336,16 +357,20 @@ class Model:
         outs = [lin(h, self._panel) for lin in group]
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
-    def _prefill(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool,
+                 chooser: ThreadChooser | None = None) -> np.ndarray:
+        """The layer loop over T rows. Rows r0:r1 of each span (cache, r0, r1) continue that cache
+        from its position: a prefill is one span of T rows, a batched decode B spans of one row.
+        Returns logits (T, V) if `all_logits`, else (spans, V) for each span's last row.
+        `chooser` keeps the thread choice across calls of one size (batched decode steps)."""
         c = self.config
         T, H, Hkv, hd, F = len(tokens), c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-        start = cache.pos
-        S = start + T
         x = self.embed_tokens(tokens)  # (T, D)
         # Thread count chosen per layer by timing (layers cost the same): BLAS and kernels
         # collapse with 2 threads when the other core is busy. Fresh per call, as T varies.
-        chooser = ThreadChooser(self.threads, warmed=self._prefilled)
-        self._prefilled = True
+        if chooser is None:
+            chooser = ThreadChooser(self.threads, warmed=self._prefilled)
+            self._prefilled = True
         for li, layer in enumerate(self.layers):
             nt = chooser.pick()
             numba.set_num_threads(nt)
@@ -356,14 +381,17 @@ class Model:
             q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
             k = np.ascontiguousarray(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, Hkv, hd))  # (T, Hkv, hd)
             v = qkv[:, c.q_dim + c.kv_dim:].reshape(T, Hkv, hd)  # (T, Hkv, hd)
-            kernels.rope(q, self.cos, self.sin, start)
-            kernels.rope(k, self.cos, self.sin, start)
-            cache.k[li, start:S] = k
-            cache.v[li, start:S] = v
-            ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
-            vs = cache.v[li, :S].astype(np.float32, copy=False)
-            a = attention(q, ks, vs, start).reshape(T, c.q_dim)  # (T, H*hd)
-            x += layer.wo(a, self._panel)  # (T, D)
+            a = np.empty((T, H, hd), dtype=np.float32)  # (T, H, hd)
+            for cache, r0, r1 in spans:
+                start, S = cache.pos, cache.pos + r1 - r0
+                kernels.rope(q[r0:r1], self.cos, self.sin, start)
+                kernels.rope(k[r0:r1], self.cos, self.sin, start)
+                cache.k[li, start:S] = k[r0:r1]
+                cache.v[li, start:S] = v[r0:r1]
+                ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
+                vs = cache.v[li, :S].astype(np.float32, copy=False)
+                a[r0:r1] = attention(q[r0:r1], ks, vs, start)
+            x += layer.wo(a.reshape(T, c.q_dim), self._panel)  # (T, D)
             h = self._norm(x, layer.mlp_norm)
             gu = self._project(layer.gate_up, h)  # (T, 2F): gate | up
             g, u = gu[:, :F], gu[:, F:]
@@ -371,8 +399,8 @@ class Model:
             chooser.record(nt, time.perf_counter() - t0)
         numba.set_num_threads(self.threads)
         set_blas_threads(self.threads)
-        cache.pos = S
+        for cache, r0, r1 in spans:
+            cache.pos += r1 - r0
         if not all_logits:
-            x = x[-1:]
-        logits = self.output(self._norm(np.ascontiguousarray(x), self.norm), self._panel)  # (T, V)
-        return logits if all_logits else logits[0]
+            x = x[[r1 - 1 for _, _, r1 in spans]]  # (spans, D)
+        return self.output(self._norm(np.ascontiguousarray(x), self.norm), self._panel)  # (T or spans, V)

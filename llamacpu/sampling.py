@@ -7,6 +7,7 @@ is made. Temperature 0 is greedy (argmax) and never touches the rng.
 
 The repeat penalty is a separate logits processor over recent ids, with llama.cpp's
 semantics: a seen token's positive logit is divided by the penalty, a negative one multiplied.
+The presence and frequency penalties are OpenAI's: subtracted from the logits of generated ids.
 References: Holtzman et al. 2019 (top-p), Nguyen et al. 2024 (min-p), Keskar et al. 2019 (repeat penalty).
 
 Where the settings come from: what the user gives; else what the model file recommends
@@ -84,6 +85,12 @@ def check_settings(temperature: float, top_k: int, top_p: float, min_p: float) -
 def check_repeat_penalty(penalty: float) -> None:
     if not np.isfinite(penalty) or penalty <= 0:
         raise LlamacpuError(f"repeat penalty must be > 0 (1 turns it off), got {penalty}")
+
+
+def check_presence_frequency(presence: float, frequency: float) -> None:
+    for name, value in (("presence", presence), ("frequency", frequency)):
+        if not np.isfinite(value) or not -2 <= value <= 2:
+            raise LlamacpuError(f"{name} penalty must be in [-2, 2] (0 turns it off), got {value}")
 
 
 def greedy(logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
@@ -174,4 +181,17 @@ def apply_repeat_penalty(logits: np.ndarray, recent_ids: Iterable[int], penalty:
     out = np.array(logits, dtype=np.float32, copy=True)
     seen = out[ids]
     out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, counts: dict[int, int], presence: float,
+                             frequency: float) -> np.ndarray:
+    """A copy of `logits` (V,) with OpenAI's penalties over the ids generated so far:
+    logit[j] -= count[j] * frequency + (count[j] > 0) * presence."""
+    if not counts or (presence == 0 and frequency == 0):
+        return logits
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out = np.array(logits, dtype=np.float32, copy=True)
+    out[ids] -= n * np.float32(frequency) + np.float32(presence)
     return out

@@ -126,12 +126,28 @@ def test_repeat_penalty_window_reaches_into_the_cached_ids():
     fresh, _, _ = run(Tied([]), [1, 5, 5, 4], max_tokens=3, repeat_penalty=1.5)
     cache = FakeCache(64)
     cache.pos = 3
-    reused, _, _ = run(Tied([]), [4], max_tokens=3, repeat_penalty=1.5, cache=cache, cached_ids=[1, 5, 5])
+    reused, _, _ = run(Tied([]), [4], max_tokens=3, repeat_penalty=1.5, cache=cache, earlier_ids=[1, 5, 5])
     assert reused == fresh == [2, 3, 1]  # 1 is penalised from the start either way (greedy: 1, 1, 1)
     # Only the last repeat_last_n ids count, wherever they sit.
-    far, _, _ = run(Tied([]), [4], max_tokens=1, repeat_penalty=1.5, cache=cache, cached_ids=[1, 5, 5],
+    far, _, _ = run(Tied([]), [4], max_tokens=1, repeat_penalty=1.5, cache=cache, earlier_ids=[1, 5, 5],
                     repeat_last_n=2)
     assert far == [1]
+
+
+def test_presence_and_frequency_penalties_count_only_generated_tokens():
+    class Tied(ScriptedModel):
+        def forward(self, tokens, cache, *, all_logits=False):
+            super().forward(tokens, cache)
+            return np.array([-5, 2.0, 1.5, 0.2, -5, -5, -5, -5, -5], dtype=np.float32)
+    # The prompt's 1s are not penalised. Presence takes 0.6 once from every generated id:
+    # 1 (2.0) → 2 (1.5 > 1.4) → 1 (1.4 > 0.9) → 1 (still 1.4: presence does not grow with use).
+    out, _, _ = run(Tied([]), [1, 1], max_tokens=4, presence_penalty=0.6)
+    assert out == [1, 2, 1, 1]
+    # Frequency takes 1.0 per use: 1 (2.0) → 2 (1.5 > 1.0) → 1 (1.0 > 0.5) → 2 (0.5 > 0.2 > 0.0).
+    out, _, _ = run(Tied([]), [1], max_tokens=4, frequency_penalty=1.0)
+    assert out == [1, 2, 1, 2]
+    with pytest.raises(LlamacpuError, match="presence penalty"):
+        run(Tied([]), [1], presence_penalty=3.0)
 
 
 def test_stats_survive_the_consumer_stopping_early():
