@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LlamacpuError
+from .jobs import context_size, run_request, start_request
 
 EXIT_OK, EXIT_GENERATION, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 
@@ -164,20 +165,7 @@ def _speed_line(stats) -> str:
             f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tok_s:.1f} tok/s")
 
 
-def _context_size(rt, ctx: int) -> int:
-    if ctx < 1:
-        raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
-    return min(ctx, rt.config.max_position_embeddings)
-
-
 # ---- run ----------------------------------------------------------------------------------------
-
-# Per-request settings a --jsonl line may carry, with their types.
-REQUEST_KEYS = {
-    "prompt": str, "system": str, "raw": bool, "max_tokens": int, "temperature": float, "top_k": int,
-    "top_p": float, "min_p": float, "repeat_penalty": float, "seed": int, "stop": list, "id": object,
-}
-
 
 @app.command(epilog="Examples:\n\n"
                     "echo 'What is 12 times 7?' | llamacpu run --temperature 0\n\n"
@@ -235,7 +223,7 @@ def run(
         for index, line in enumerate(sys.stdin):
             if not line.strip():
                 continue
-            print(json.dumps(_run_request(rt, line, index, defaults, ctx), ensure_ascii=False), flush=True)
+            print(json.dumps(run_request(rt, line, index, defaults, ctx), ensure_ascii=False), flush=True)
         return
 
     piped = _read_stdin()
@@ -253,7 +241,7 @@ def run(
     _notices(rt, show_info)
     ids = encode_prompt(rt.tokenizer, rt.template, prompt, system=system, raw=raw or rt.template is None)
     seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 32)
-    completion, pieces = _start(rt, ids, {**defaults, "seed": seed}, ctx)
+    completion, pieces = start_request(rt, ids, {**defaults, "seed": seed}, ctx)
     if as_json:
         for _ in pieces:
             pass
@@ -282,81 +270,6 @@ def _notices(rt, show: bool) -> None:
     if rt.template is None:
         # A base model: wrapping the prompt is impossible, and sending it as is is what the user means.
         _say("note: the model has no chat template; prompts are sent as is (--raw)")
-
-
-def _start(rt, ids: list[int], s: dict, ctx: int):
-    """A Completion and the generator of its text pieces, for prompt `ids` and settings `s`."""
-    import numpy as np
-
-    from .generate import Completion, complete
-    from .sampling import make_sampler
-    sampler = make_sampler(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-    # Size the cache to this request: the prompt plus its answer, within --ctx.
-    limit = _context_size(rt, ctx)
-    if len(ids) >= limit:
-        raise LlamacpuError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
-    cache = rt.model.new_cache(min(limit, len(ids) + max(1, s["max_tokens"])))
-    completion = Completion()
-    pieces = complete(rt.model, rt.tokenizer, ids, cache=cache, sampler=sampler,
-                      rng=np.random.default_rng(s["seed"]), max_tokens=s["max_tokens"], stop=s["stop"],
-                      repeat_penalty=s["repeat_penalty"], result=completion)
-    return completion, pieces
-
-
-def _run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
-    """One --jsonl line → its result object, or an error object (the batch goes on)."""
-    from .chat import encode_prompt
-    head: dict[str, Any] = {"index": index}
-    try:
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlamacpuError(f"line {index + 1} is not JSON ({e.msg})") from None
-        if not isinstance(req, dict):
-            raise LlamacpuError(f"line {index + 1} is not a JSON object")
-        if "id" in req:
-            head["id"] = req["id"]
-        s = _request_settings(req, defaults)
-        ids = encode_prompt(rt.tokenizer, rt.template, s["prompt"], system=s["system"],
-                            raw=s["raw"] or rt.template is None)
-        if s["seed"] is None:
-            # Unseeded requests still differ from each other; a seeded one is reproducible anywhere in a batch.
-            s["seed"] = random.SystemRandom().randrange(2 ** 32)
-        completion, pieces = _start(rt, ids, s, ctx)
-        for _ in pieces:
-            pass
-        return {**head, **completion.to_dict(), "seed": s["seed"]}
-    except LlamacpuError as e:
-        return {**head, "error": _one_line(str(e))}
-    except (ValueError, TypeError, ArithmeticError) as e:
-        return {**head, "error": f"generation failed: {type(e).__name__}: {_one_line(str(e))}"}
-
-
-def _request_settings(req: dict, defaults: dict) -> dict:
-    from .sampling import check_repeat_penalty, check_settings
-    unknown = sorted(set(req) - set(REQUEST_KEYS))
-    if unknown:
-        raise LlamacpuError(f"unknown request key {unknown[0]!r}; known: {', '.join(REQUEST_KEYS)}")
-    if not isinstance(req.get("prompt"), str) or not req["prompt"].strip():
-        raise LlamacpuError('a request needs a non-empty "prompt" string')
-    s = {**defaults, **{k: v for k, v in req.items() if k != "id"}}
-    if isinstance(s["stop"], str):
-        s["stop"] = [s["stop"]]
-    for key, kind in REQUEST_KEYS.items():
-        v = s.get(key)
-        if v is None or kind is object:
-            continue
-        ok = (isinstance(v, bool) if kind is bool else
-              isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
-              isinstance(v, int) and not isinstance(v, bool) if kind is int else
-              isinstance(v, list) and all(isinstance(x, str) for x in v) if kind is list else isinstance(v, kind))
-        if not ok:
-            raise LlamacpuError(f'"{key}" must be {"a list of strings" if kind is list else kind.__name__}')
-    check_settings(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-    check_repeat_penalty(s["repeat_penalty"])
-    if s["max_tokens"] < 0:
-        raise LlamacpuError(f'"max_tokens" must be >= 0, got {s["max_tokens"]}')
-    return s
 
 
 # ---- chat ---------------------------------------------------------------------------------------
@@ -400,7 +313,7 @@ def chat(
     interactive = sys.stdin.isatty()
     rt = _open(model, quant=quant, threads=threads)
     session = ChatSession(rt.model, rt.tokenizer, rt.template, sampler=sampler,
-                          rng=np.random.default_rng(seed), max_seq=_context_size(rt, ctx),
+                          rng=np.random.default_rng(seed), max_seq=context_size(rt, ctx),
                           max_tokens=max_tokens, system=system, repeat_penalty=repeat_penalty)
     _notices(rt, verbose or interactive)
     if interactive:
