@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -53,6 +54,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 TEMPERATURE, TOP_K, TOP_P, MIN_P, REPEAT_PENALTY = 0.8, 40, 0.95, 0.05, 1.0  # llama.cpp's defaults
 CTX = 4096
+RUN_MAX_TOKENS = 256  # run and batch
 
 
 # ---- plumbing -----------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def run(
     prompt: Annotated[Optional[str], typer.Argument(
         help="The prompt. Piped stdin is appended after a blank line. With one argument that is "
              "not a path (or *.gguf), it is the prompt.", show_default=False)] = None,
-    max_tokens: MaxTokens = 256,
+    max_tokens: MaxTokens = RUN_MAX_TOKENS,
     temperature: Temperature = TEMPERATURE,
     top_k: TopK = TOP_K,
     top_p: TopP = TOP_P,
@@ -556,6 +558,162 @@ class _ChunkProgress:
 
     def close(self) -> None:
         self._progress.stop()
+
+
+# ---- batch ----------------------------------------------------------------------------------------
+
+def _model_path(spec: str | None) -> Path:
+    """MODEL for jobs whose workers open it themselves: the default model when None, else a path.
+    (One place to resolve model names once a registry exists.)"""
+    from .default_model import default_model
+    if spec is None:
+        return default_model(notify=_say)
+    path = Path(spec)
+    if not path.exists():
+        raise LlamacpuError(f"{spec}: no such model file or folder")
+    return path.resolve()
+
+
+@app.command(epilog="Examples:\n\n"
+                    "llamacpu batch requests.jsonl -o results.jsonl --temperature 0 --max-tokens 64\n\n"
+                    "llamacpu batch requests.jsonl -o results.jsonl --address ray://head:10001 --workers 16")
+@_guarded
+def batch(
+    input: Annotated[Path, typer.Argument(
+        help='JSONL requests, one per line: {"id", "prompt" or "messages", optional settings} (as run --jsonl).',
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL results; an existing one is resumed.",
+                                      show_default=False)],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="A GGUF file or HF folder (the same path on every node). Default: SmolLM2-135M-Instruct.",
+        show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Ray actors, each with the model loaded once. Default: as many as the CPUs allow.",
+        show_default=False)] = None,
+    threads: Annotated[int, typer.Option(help="Compute threads per worker (its Ray num_cpus).")] = 1,
+    address: Annotated[Optional[str], typer.Option(
+        help="Join this Ray cluster (e.g. ray://head:10001 or auto). Default: start a local Ray.",
+        show_default=False)] = None,
+    max_tokens: MaxTokens = RUN_MAX_TOKENS,
+    temperature: Temperature = TEMPERATURE,
+    top_k: TopK = TOP_K,
+    top_p: TopP = TOP_P,
+    min_p: MinP = MIN_P,
+    repeat_penalty: RepeatPenalty = REPEAT_PENALTY,
+    seed: Seed = None,
+    system: System = None,
+    ctx: Ctx = CTX,
+    quant: Quant = None,
+) -> None:
+    """Run a JSONL file of requests on Ray workers: one result row per line, in order, resumable.
+
+    Each row is the one `run --jsonl` prints for the line. Rerun with the same -o to resume.
+    Progress (rows/s, tokens/s, ETA) and a summary go to stderr.
+    """
+    import tempfile
+
+    from .batch import plan_job, ray_cluster, run_batch
+    from .sampling import check_repeat_penalty, make_sampler
+    make_sampler(temperature, top_k, top_p, min_p)
+    check_repeat_penalty(repeat_penalty)
+    if max_tokens < 0:
+        raise LlamacpuError(f"--max-tokens must be >= 0, got {max_tokens}")
+    if ctx < 1:
+        raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
+    if threads < 1 or (workers is not None and workers < 1):
+        raise LlamacpuError("--workers and --threads must be at least 1")
+    defaults = dict(system=system, raw=False, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=[])
+    job = plan_job(input, out)
+    t0 = time.perf_counter()
+    state = None
+    if job.pending:
+        path = _model_path(model)
+        # Ray's processes write log lines of their own to our stderr (fd 2, also from C++): send
+        # them to a log file, and keep the real stderr for our progress and messages.
+        log = Path(tempfile.mkstemp(prefix="llamacpu-batch-", suffix=".log")[1])
+        ok = False
+        with _stderr_moved_to(log):
+            bar = _BatchProgress()
+            try:
+                local = workers * threads if workers is not None else None
+                with ray_cluster(address, local):
+                    from .batch import cluster_cpus
+                    n = workers or max(1, cluster_cpus() // threads)
+                    _say(f"batch: {len(job.pending)} of {job.total} rows to compute on {n} workers × "
+                         f"{threads} threads" + (f" ({job.done} already in {out})" if job.done else ""))
+                    state = run_batch(job, out, model_path=path, workers=n, threads=threads, quant=quant,
+                                      defaults=defaults, ctx=ctx, progress=bar)
+                ok = True
+            finally:
+                bar.close()
+                if not ok:
+                    _say(f"batch: stopped; {out} holds whole rows and resumes on a rerun (Ray's log: {log})")
+        if ok:
+            log.unlink(missing_ok=True)
+    errors = job.done_errors + (state.errors if state else 0)
+    tokens = f" · {state.tokens_per_s:.1f} tok/s, {state.rows_per_s:.2f} rows/s" if state and state.computed else ""
+    _info_line(f"batch: {job.total} rows in {out} ({job.done} resumed, {state.computed if state else 0} computed), "
+               f"{errors} errors, {time.perf_counter() - t0:.1f} s{tokens}")
+
+
+class _stderr_moved_to:
+    """Point fd 2 at `log` (for child processes and C++ logs) while `sys.stderr` keeps the real one."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved_fd = os.dup(2)
+        self._saved = sys.stderr
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stderr = open(self._saved_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        sys.stderr = self._saved
+        return False
+
+
+class _BatchProgress:
+    """Batch progress on stderr: a rich bar on a terminal, else a plain line every PLAIN_EVERY seconds."""
+
+    PLAIN_EVERY = 10.0
+
+    def __init__(self):
+        self._bar = None
+        self._last = 0.0
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            self._bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rates]}"), console=_err_console(), transient=True)
+
+    def __call__(self, p) -> None:
+        eta = "-" if p.eta_seconds is None else _duration(p.eta_seconds)
+        rates = f"{p.rows_per_s:.2f} rows/s · {p.tokens_per_s:.1f} tok/s · {p.errors} errors · ETA {eta}"
+        if self._bar is not None:
+            if not self._bar.task_ids:
+                self._bar.start()
+                self._bar.add_task("batch", total=p.total, completed=p.done, rates=rates)
+            self._bar.update(self._bar.task_ids[0], completed=p.done, rates=rates)
+        elif time.monotonic() - self._last >= self.PLAIN_EVERY or p.done == p.total:
+            self._last = time.monotonic()
+            _say(f"batch: {p.done}/{p.total} rows · {rates}")
+
+    def close(self) -> None:
+        if self._bar is not None and self._bar.task_ids:
+            self._bar.stop()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ---- entry point --------------------------------------------------------------------------------
