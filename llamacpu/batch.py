@@ -39,7 +39,7 @@ from .errors import LlamacpuError
 from .jobs import parse_request
 
 MAX_TASK_RETRIES = 3  # a line that kills its worker 4 times fails the job instead of looping forever
-ROWS_PER_TASK = 8  # the most lines one Ray task carries: the retry cost after a kill, and progress granularity
+ROWS_PER_TASK = 16  # the most lines one Ray task carries: the retry cost after a kill, and progress granularity
 TASKS_IN_FLIGHT = 2  # per actor: one running, one queued, so an actor never waits for the driver
 
 
@@ -305,7 +305,7 @@ def run_batch(job: Job, out_path: str | Path, *, model_path: str | Path, workers
         # Ray Data 2.60 has no named parameter for the retry settings yet (hence the `ray<2.64` pin).
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(
-            Worker, batch_size=1, batch_format="numpy",
+            Worker, batch_size=None, batch_format="numpy",
             fn_constructor_kwargs=dict(model_path=str(model_path), threads=threads, quant=quant,
                                        defaults=defaults, ctx=ctx),
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
