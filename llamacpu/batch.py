@@ -312,7 +312,7 @@ def run_batch(job: Job, out_path: str | Path, *, model_path: str | Path, workers
             num_cpus=threads,  # the actor's kernel threads: Ray places it where that many CPUs are free
             max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)
 
-    writer = RowWriter(out_path, job.keep_bytes, job.out_size)
+    writer = None  # opened at the first rows: a job that fails to start leaves no new file
     t0 = time.perf_counter()
     expected = iter(p["index"] for p in job.pending)
     try:
@@ -320,6 +320,8 @@ def run_batch(job: Job, out_path: str | Path, *, model_path: str | Path, workers
             for index in block["index"]:  # guard the order promise, cheaply, before writing
                 if int(index) != next(expected):
                     raise RuntimeError(f"rows came back out of order at line {int(index) + 1}")
+            if writer is None:
+                writer = RowWriter(out_path, job.keep_bytes, job.out_size)
             writer.write([str(r) for r in block["row"]])
             state.computed += len(block["row"])
             state.errors += int(sum(bool(e) for e in block["error"]))
@@ -333,17 +335,29 @@ def run_batch(job: Job, out_path: str | Path, *, model_path: str | Path, workers
             raise cause from None
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     state.seconds = time.perf_counter() - t0
     return state
 
 
 def _user_error(e: BaseException) -> LlamacpuError | None:
-    """The LlamacpuError a worker raised (e.g. the model would not open), found in Ray's wrapping."""
+    """The LlamacpuError a worker raised (e.g. the model would not open), found in Ray's wrapping:
+    an exception chain, or only the text of a remote traceback (an actor that died starting)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, LlamacpuError):
             return LlamacpuError(str(e))
+        marker = f"{LlamacpuError.__module__}.{LlamacpuError.__name__}: "
+        lines = [line for line in str(e).splitlines() if line.startswith(marker)]
+        if lines:
+            return LlamacpuError(f"a worker could not start: {lines[-1][len(marker):]}")
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
+
+
+def check_model(path: str | Path) -> None:
+    """Open the model's file and metadata (mmap, no repacking): LlamacpuError if it is not one."""
+    from .checkpoint import load_checkpoint
+    load_checkpoint(path)

@@ -579,8 +579,8 @@ def _model_path(spec: str | None) -> Path:
                     "llamacpu batch requests.jsonl -o results.jsonl --address ray://head:10001 --workers 16")
 @_guarded
 def batch(
-    input: Annotated[Path, typer.Argument(
-        help='JSONL requests, one per line: {"id", "prompt" or "messages", optional settings} (as run --jsonl).',
+    in_path: Annotated[Path, typer.Argument(
+        metavar="IN", help='JSONL requests, one per line: {"id", "prompt" or "messages", optional settings} (as run --jsonl).',
         show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL results; an existing one is resumed.",
                                       show_default=False)],
@@ -612,7 +612,7 @@ def batch(
     """
     import tempfile
 
-    from .batch import plan_job, ray_cluster, run_batch
+    from .batch import check_model, cluster_cpus, plan_job, ray_cluster, run_batch
     from .sampling import check_repeat_penalty, make_sampler
     make_sampler(temperature, top_k, top_p, min_p)
     check_repeat_penalty(repeat_penalty)
@@ -624,31 +624,36 @@ def batch(
         raise LlamacpuError("--workers and --threads must be at least 1")
     defaults = dict(system=system, raw=False, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=[])
-    job = plan_job(input, out)
+    job = plan_job(in_path, out)
     t0 = time.perf_counter()
     state = None
     if job.pending:
         path = _model_path(model)
-        # Ray's processes write log lines of their own to our stderr (fd 2, also from C++): send
-        # them to a log file, and keep the real stderr for our progress and messages.
+        if address is None:
+            check_model(path)  # fail here, in one line, rather than in every worker
+        # Ray writes log lines and error reports of its own to fd 1 and 2 (from C++ too) and to
+        # sys.stdout/stderr: send all of them to a log file; ours go to the real stderr, `err`.
         log = Path(tempfile.mkstemp(prefix="llamacpu-batch-", suffix=".log")[1])
         ok = False
-        with _stderr_moved_to(log):
-            bar = _BatchProgress()
+        with _output_moved_to(log) as err:
+            bar = _BatchProgress(err)
             try:
                 local = workers * threads if workers is not None else None
                 with ray_cluster(address, local):
-                    from .batch import cluster_cpus
                     n = workers or max(1, cluster_cpus() // threads)
-                    _say(f"batch: {len(job.pending)} of {job.total} rows to compute on {n} workers × "
-                         f"{threads} threads" + (f" ({job.done} already in {out})" if job.done else ""))
+                    bar.say(f"batch: {len(job.pending)} of {job.total} rows to compute on {n} workers × "
+                            f"{threads} threads" + (f" ({job.done} already in {out})" if job.done else ""))
                     state = run_batch(job, out, model_path=path, workers=n, threads=threads, quant=quant,
                                       defaults=defaults, ctx=ctx, progress=bar)
                 ok = True
+            except LlamacpuError:
+                log.unlink(missing_ok=True)
+                raise
+            except BaseException:
+                bar.say(f"batch: stopped; {out} holds whole rows, and a rerun resumes (Ray's log: {log})")
+                raise
             finally:
                 bar.close()
-                if not ok:
-                    _say(f"batch: stopped; {out} holds whole rows and resumes on a rerun (Ray's log: {log})")
         if ok:
             log.unlink(missing_ok=True)
     errors = job.done_errors + (state.errors if state else 0)
@@ -657,42 +662,52 @@ def batch(
                f"{errors} errors, {time.perf_counter() - t0:.1f} s{tokens}")
 
 
-class _stderr_moved_to:
-    """Point fd 2 at `log` (for child processes and C++ logs) while `sys.stderr` keeps the real one."""
+class _output_moved_to:
+    """Point fd 1 and 2, sys.stdout and sys.stderr at `log`; yield a stream on the real stderr."""
 
     def __init__(self, log: Path):
         self.log = log
 
     def __enter__(self):
+        sys.stdout.flush()
         sys.stderr.flush()
-        self._saved_fd = os.dup(2)
-        self._saved = sys.stderr
+        self._fds = os.dup(1), os.dup(2)
+        self._streams = sys.stdout, sys.stderr
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        sys.stderr = open(self._saved_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-        return self
+        sys.stdout = sys.stderr = open(self.log, "a", buffering=1, encoding="utf-8", errors="replace")
+        self._err = open(self._fds[1], "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        return self._err
 
     def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self._saved_fd, 2)
-        os.close(self._saved_fd)
-        sys.stderr = self._saved
+        sys.stdout.close()
+        self._err.flush()
+        for target, fd in zip((1, 2), self._fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdout, sys.stderr = self._streams
         return False
 
 
 class _BatchProgress:
-    """Batch progress on stderr: a rich bar on a terminal, else a plain line every PLAIN_EVERY seconds."""
+    """Batch progress on `err`: a rich bar on a terminal, else a plain line every PLAIN_EVERY seconds."""
 
     PLAIN_EVERY = 10.0
 
-    def __init__(self):
+    def __init__(self, err):
+        self._err = err
         self._bar = None
         self._last = 0.0
-        if sys.stderr.isatty():
+        if err.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
             self._bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rates]}"), console=_err_console(), transient=True)
+                                 TextColumn("{task.fields[rates]}"),
+                                 console=Console(file=err, highlight=False), transient=True)
+
+    def say(self, message: str) -> None:
+        print(message, file=self._err, flush=True)
 
     def __call__(self, p) -> None:
         eta = "-" if p.eta_seconds is None else _duration(p.eta_seconds)
@@ -704,7 +719,7 @@ class _BatchProgress:
             self._bar.update(self._bar.task_ids[0], completed=p.done, rates=rates)
         elif time.monotonic() - self._last >= self.PLAIN_EVERY or p.done == p.total:
             self._last = time.monotonic()
-            _say(f"batch: {p.done}/{p.total} rows · {rates}")
+            self.say(f"batch: {p.done}/{p.total} rows · {rates}")
 
     def close(self) -> None:
         if self._bar is not None and self._bar.task_ids:

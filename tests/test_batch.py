@@ -122,6 +122,19 @@ def test_output_of_another_input_is_refused(finished, smollm2_path, tmp_path):
     assert full.read_bytes() == before
 
 
+def test_bad_input_is_one_line_and_writes_nothing(requests, smollm2_path, tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    out = tmp_path / "out.jsonl"
+    for args, message in (((requests, out, fake), "not a readable GGUF"),
+                          ((tmp_path / "missing.jsonl", out, smollm2_path), "no such file"),
+                          ((requests, requests, smollm2_path), "must not be the input")):
+        r = batch(*args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: ") and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+
+
 def _children() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
