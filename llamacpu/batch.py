@@ -17,7 +17,7 @@ Guarantees, and how they are kept:
 - Ids: a line without "id" is known by its index. A line whose id appeared on an earlier line gets
   an error row ("duplicate id"), without generating: ids in OUT stay unique keys.
 
-Libraries never print: progress goes to a callback, Ray's own log lines go to its temp dir.
+Libraries never print: progress goes to a callback; Ray's own logs go to the caller's temp dir.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -211,34 +209,29 @@ class Worker:
 
 
 @contextmanager
-def ray_cluster(address: str | None, num_cpus: int | None) -> Iterator[Path | None]:
+def ray_cluster(address: str | None, num_cpus: int | None, temp_dir: Path) -> Iterator[None]:
     """Connect to the Ray cluster at `address`, or start a quiet local one with `num_cpus` CPUs
-    (no dashboard, no usage stats, logs in a temp dir, removed afterwards). Yields the log dir of a
-    local Ray (None when joining a cluster); Ray is shut down on leaving."""
+    (no dashboard, no usage stats, its session and logs in `temp_dir`, a short path: Ray puts
+    Unix sockets there). Ray is shut down on leaving; `temp_dir` is the caller's to remove."""
     # Read by ray.init and Ray Data when they start (set them to see more): no reporting home, and
     # Ray Data's own notices ("progress bars disabled", "execution finished") kept out of our stderr.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     import ray
-    temp_dir = None if address else Path(tempfile.mkdtemp(prefix="llamacpu-ray-"))
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if temp_dir is not None:
+    if address is None:
         # A small object store: it holds the pending lines and the rows in flight, not tensors.
         kwargs.update(num_cpus=num_cpus, _temp_dir=str(temp_dir), object_store_memory=256 * 2 ** 20)
     logging.getLogger("ray").setLevel(logging.ERROR)
-    ok = False
     try:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise LlamacpuError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
                                 f"{' '.join(str(e).split())}") from None
-        yield temp_dir
-        ok = True
+        yield
     finally:
         ray.shutdown()
-        if temp_dir is not None and ok:
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass
@@ -314,6 +307,8 @@ def run_batch(job: Job, out_path: str | Path, *, model_path: str | Path, workers
 
     writer = None  # opened at the first rows: a job that fails to start leaves no new file
     t0 = time.perf_counter()
+    if progress is not None:
+        progress(state)  # 0 rows: the workers are starting
     expected = iter(p["index"] for p in job.pending)
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -632,30 +633,31 @@ def batch(
         if address is None:
             check_model(path)  # fail here, in one line, rather than in every worker
         # Ray writes log lines and error reports of its own to fd 1 and 2 (from C++ too) and to
-        # sys.stdout/stderr: send all of them to a log file; ours go to the real stderr, `err`.
-        log = Path(tempfile.mkstemp(prefix="llamacpu-batch-", suffix=".log")[1])
-        ok = False
-        with _output_moved_to(log) as err:
+        # sys.stdout/stderr: all of them go to a log in a temp dir that also holds Ray's session;
+        # ours go to the real stderr, `err`. The dir is removed unless the job fails unexpectedly.
+        logs = Path(tempfile.mkdtemp(prefix="llamacpu-batch-"))
+        keep = False
+        with _output_moved_to(logs / "output.log") as err:
             bar = _BatchProgress(err)
             try:
                 local = workers * threads if workers is not None else None
-                with ray_cluster(address, local):
+                with ray_cluster(address, local, logs):
                     n = workers or max(1, cluster_cpus() // threads)
                     bar.say(f"batch: {len(job.pending)} of {job.total} rows to compute on {n} workers × "
                             f"{threads} threads" + (f" ({job.done} already in {out})" if job.done else ""))
                     state = run_batch(job, out, model_path=path, workers=n, threads=threads, quant=quant,
                                       defaults=defaults, ctx=ctx, progress=bar)
-                ok = True
             except LlamacpuError:
-                log.unlink(missing_ok=True)
                 raise
             except BaseException:
-                bar.say(f"batch: stopped; {out} holds whole rows, and a rerun resumes (Ray's log: {log})")
+                keep = not isinstance(sys.exc_info()[1], KeyboardInterrupt)
+                bar.say(f"batch: stopped; {out} holds whole rows, and a rerun resumes"
+                        + (f" (Ray's logs: {logs})" if keep else ""))
                 raise
             finally:
                 bar.close()
-        if ok:
-            log.unlink(missing_ok=True)
+                if not keep:
+                    shutil.rmtree(logs, ignore_errors=True)
     errors = job.done_errors + (state.errors if state else 0)
     tokens = f" · {state.tokens_per_s:.1f} tok/s, {state.rows_per_s:.2f} rows/s" if state and state.computed else ""
     _info_line(f"batch: {job.total} rows in {out} ({job.done} resumed, {state.computed if state else 0} computed), "
@@ -673,7 +675,7 @@ class _output_moved_to:
         sys.stderr.flush()
         self._fds = os.dup(1), os.dup(2)
         self._streams = sys.stdout, sys.stderr
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
