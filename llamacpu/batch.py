@@ -324,6 +324,9 @@ def run_batch(job: Job, out_path: str | Path, *, model_path: str | Path, workers
             state.seconds = time.perf_counter() - t0
             if progress is not None:
                 progress(state)
+        missing = next(expected, None)
+        if missing is not None:
+            raise RuntimeError(f"Ray Data ended without the row of line {missing + 1}")
     except Exception as e:
         cause = _user_error(e)
         if cause is not None:
