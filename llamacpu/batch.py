@@ -227,8 +227,10 @@ def ray_cluster(address: str | None, num_cpus: int | None, temp_dir: Path) -> It
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
+            hint = (" (a cluster with token authentication also needs RAY_AUTH_MODE=token here)"
+                    if address and os.environ.get("RAY_AUTH_MODE") is None else "")
             raise LlamacpuError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: "
-                                f"{' '.join(str(e).split())}") from None
+                                f"{' '.join(str(e).split())}{hint}") from None
         yield
     finally:
         ray.shutdown()

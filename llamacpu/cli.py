@@ -577,7 +577,7 @@ def _model_path(spec: str | None) -> Path:
 
 @app.command(epilog="Examples:\n\n"
                     "llamacpu batch requests.jsonl -o results.jsonl --temperature 0 --max-tokens 64\n\n"
-                    "llamacpu batch requests.jsonl -o results.jsonl --address ray://head:10001 --workers 16")
+                    "llamacpu batch requests.jsonl -o results.jsonl --address head:6379 --workers 16")
 @_guarded
 def batch(
     in_path: Annotated[Path, typer.Argument(
@@ -593,7 +593,7 @@ def batch(
         show_default=False)] = None,
     threads: Annotated[int, typer.Option(help="Compute threads per worker (its Ray num_cpus).")] = 1,
     address: Annotated[Optional[str], typer.Option(
-        help="Join this Ray cluster (e.g. ray://head:10001 or auto). Default: start a local Ray.",
+        help="Join this Ray cluster (HOST:PORT of its head, or auto). Default: start a local Ray.",
         show_default=False)] = None,
     max_tokens: MaxTokens = RUN_MAX_TOKENS,
     temperature: Temperature = TEMPERATURE,
