@@ -19,8 +19,9 @@ import functools
 import json
 import math
 import os
-import random
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LlamacpuError
+from .jobs import REQUEST_KEYS, context_size, resolve_seed, run_request, start_request
 from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS
 from .sampling import DEFAULTS as SAMPLING_DEFAULTS
 
@@ -131,7 +133,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 CTX = 4096
-SEED_RANDOM = -1  # llama.cpp's "pick a random seed"
+RUN_MAX_TOKENS = 256  # run and batch
 
 
 # ---- plumbing -----------------------------------------------------------------------------------
@@ -225,15 +227,6 @@ def _stderr_info(verbose: bool, quiet: bool) -> bool:
     return not quiet and (verbose or sys.stderr.isatty())
 
 
-def _seed(seed: int | None, what: str = "--seed") -> int:
-    """A concrete seed: the one given, or a random one for None / -1 (llama.cpp's convention)."""
-    if seed is None or seed == SEED_RANDOM:
-        return random.SystemRandom().randrange(2 ** 32)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise LlamacpuError(f"{what} must be a non-negative integer, or -1 for a random seed; got {seed}")
-    return seed
-
-
 def _check_given(given: dict) -> None:
     """Refuse out-of-range sampling flags before the (slow) model load, so a typo fails at once."""
     from .sampling import pick_settings
@@ -306,20 +299,7 @@ def _speed_line(stats) -> str:
             f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tok_s:.1f} tok/s")
 
 
-def _context_size(rt, ctx: int) -> int:
-    if ctx < 1:
-        raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
-    return min(ctx, rt.config.context_length)
-
-
 # ---- run ----------------------------------------------------------------------------------------
-
-# Per-request settings a --jsonl line may carry, with their types.
-REQUEST_KEYS = {
-    "prompt": str, "system": str, "raw": bool, "max_tokens": int, "temperature": float, "top_k": int,
-    "top_p": float, "min_p": float, "repeat_penalty": float, "seed": int, "stop": list, "id": object,
-}
-
 
 @app.command(help=f"Generate text for one prompt (or a batch), for shells and scripts.\n\n{SAMPLING_SOURCES}",
              short_help="Generate text for a prompt, or a batch of them.",
@@ -335,7 +315,7 @@ def run(
         metavar="PROMPT",
         help="The prompt. Piped stdin is appended after a blank line. With one argument that is "
              "not a model (a name, a path or *.gguf), it is the prompt.", show_default=False)] = None,
-    max_tokens: MaxTokens = 256,
+    max_tokens: MaxTokens = RUN_MAX_TOKENS,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -366,8 +346,8 @@ def run(
     _check_given(given)
     if max_tokens < 0:
         raise LlamacpuError(f"--max-tokens must be >= 0, got {max_tokens}")
-    if seed is not None and seed != SEED_RANDOM:
-        _seed(seed)
+    if seed is not None:
+        resolve_seed(seed)  # -1 is random; another negative seed is refused before the load
     if as_json and jsonl:
         raise LlamacpuError("--json and --jsonl cannot be combined")
     show_info = _stderr_info(verbose, quiet)
@@ -387,7 +367,7 @@ def run(
         for index, line in enumerate(sys.stdin):
             if not line.strip():
                 continue
-            row = _run_request(rt, line, index, defaults, ctx)
+            row = run_request(rt, line, index, defaults, ctx)
             failed += "error" in row
             print(json.dumps(_rounded(row), ensure_ascii=False), flush=True)
         if failed:
@@ -411,8 +391,8 @@ def run(
     if verbose:
         _info_line(_settings_line(settings, sources))
     ids = encode_prompt(rt.tokenizer, rt.template, prompt, system=system, raw=raw or rt.template is None)
-    seed = _seed(seed)
-    completion, pieces = _start(rt, ids, {**settings, "max_tokens": max_tokens, "stop": stop or [], "seed": seed}, ctx)
+    seed = resolve_seed(seed)
+    completion, pieces = start_request(rt, ids, {**settings, "max_tokens": max_tokens, "stop": stop or [], "seed": seed}, ctx)
     if as_json:
         for _ in pieces:
             pass
@@ -441,80 +421,6 @@ def _notices(rt, show: bool) -> None:
     if rt.template is None:
         # A base model: wrapping the prompt is impossible, and sending it as is is what the user means.
         _say("note: the model has no chat template; prompts are sent as is (--raw)")
-
-
-def _start(rt, ids: list[int], s: dict, ctx: int):
-    """A Completion and the generator of its text pieces, for prompt `ids` and settings `s`."""
-    import numpy as np
-
-    from .generate import Completion, complete
-    from .sampling import make_sampler
-    sampler = make_sampler(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-    # Size the cache to this request: the prompt plus its answer, within --ctx.
-    limit = _context_size(rt, ctx)
-    if len(ids) >= limit:
-        raise LlamacpuError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
-    cache = rt.model.new_cache(min(limit, len(ids) + max(1, s["max_tokens"])))
-    completion = Completion()
-    pieces = complete(rt.model, rt.tokenizer, ids, cache=cache, sampler=sampler,
-                      rng=np.random.default_rng(s["seed"]), max_tokens=s["max_tokens"], stop=s["stop"],
-                      repeat_penalty=s["repeat_penalty"], result=completion)
-    return completion, pieces
-
-
-def _run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
-    """One --jsonl line → its result object, or an error object (the batch goes on)."""
-    from .chat import encode_prompt
-    head: dict[str, Any] = {"index": index}
-    try:
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlamacpuError(f"line {index + 1} is not JSON ({e.msg})") from None
-        if not isinstance(req, dict):
-            raise LlamacpuError(f"line {index + 1} is not a JSON object")
-        if "id" in req:
-            head["id"] = req["id"]
-        s = _request_settings(req, defaults)
-        ids = encode_prompt(rt.tokenizer, rt.template, s["prompt"], system=s["system"],
-                            raw=s["raw"] or rt.template is None)
-        # Unseeded requests still differ from each other; a seeded one is reproducible anywhere in a batch.
-        s["seed"] = _seed(s["seed"], '"seed"')
-        completion, pieces = _start(rt, ids, s, ctx)
-        for _ in pieces:
-            pass
-        return {**head, **completion.to_dict(), "seed": s["seed"]}
-    except LlamacpuError as e:
-        return {**head, "error": _one_line(str(e))}
-    except (ValueError, TypeError, ArithmeticError) as e:
-        return {**head, "error": f"generation failed: {type(e).__name__}: {_one_line(str(e))}"}
-
-
-def _request_settings(req: dict, defaults: dict) -> dict:
-    from .sampling import check_repeat_penalty, check_settings
-    unknown = sorted(set(req) - set(REQUEST_KEYS))
-    if unknown:
-        raise LlamacpuError(f"unknown request key {unknown[0]!r}; known: {', '.join(REQUEST_KEYS)}")
-    if not isinstance(req.get("prompt"), str) or not req["prompt"].strip():
-        raise LlamacpuError('a request needs a non-empty "prompt" string')
-    s = {**defaults, **{k: v for k, v in req.items() if k != "id"}}
-    if isinstance(s["stop"], str):
-        s["stop"] = [s["stop"]]
-    for key, kind in REQUEST_KEYS.items():
-        v = s.get(key)
-        if v is None or kind is object:
-            continue
-        ok = (isinstance(v, bool) if kind is bool else
-              isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
-              isinstance(v, int) and not isinstance(v, bool) if kind is int else
-              isinstance(v, list) and all(isinstance(x, str) for x in v) if kind is list else isinstance(v, kind))
-        if not ok:
-            raise LlamacpuError(f'"{key}" must be {"a list of strings" if kind is list else kind.__name__}')
-    check_settings(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-    check_repeat_penalty(s["repeat_penalty"])
-    if s["max_tokens"] < 0:
-        raise LlamacpuError(f'"max_tokens" must be >= 0, got {s["max_tokens"]}')
-    return s
 
 
 # ---- chat ---------------------------------------------------------------------------------------
@@ -567,18 +473,18 @@ def chat(
     _check_given(given)
     if max_tokens < 1:
         raise LlamacpuError(f"--max-tokens must be >= 1, got {max_tokens}")
-    if seed is not None and seed != SEED_RANDOM:
-        _seed(seed)
+    if seed is not None:
+        resolve_seed(seed)  # -1 is random; another negative seed is refused before the load
     interactive = sys.stdin.isatty()
     if verbose and quiet:
         raise LlamacpuError("--verbose and --quiet cannot be combined")
     rt = _open(model, quant=quant, threads=threads)
     settings, sources = _model_settings(rt, model, given)
-    seed = _seed(seed)
+    seed = resolve_seed(seed)
     session = ChatSession(rt.model, rt.tokenizer, rt.template,
                           sampler=make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
                                                settings["min_p"]),
-                          rng=np.random.default_rng(seed), max_seq=_context_size(rt, ctx),
+                          rng=np.random.default_rng(seed), max_seq=context_size(rt, ctx),
                           max_tokens=max_tokens, system=system, repeat_penalty=settings["repeat_penalty"])
     state = _ChatState(session, model or DEFAULT_MODEL, rt.checkpoint.source, settings, sources, seed)
     _notices(rt, not quiet and (verbose or interactive))
@@ -630,7 +536,7 @@ class _ChatState:
                 raise LlamacpuError(f"max-tokens must be >= 1, got {number}")
             self.session.max_tokens = number
         elif key == "seed":
-            self.seed = _seed(number, "seed")
+            self.seed = resolve_seed(number, "seed")
             self.session.rng = np.random.default_rng(self.seed)
         else:
             settings, _ = pick_settings({**self.settings, key: number})
@@ -976,6 +882,172 @@ class _ChunkProgress:
         self._progress.stop()
 
 
+# ---- batch ----------------------------------------------------------------------------------------
+
+def _model_path(spec: str | None) -> Path:
+    """MODEL for jobs whose workers open it themselves, as an absolute path (names resolved here)."""
+    return _resolve(spec).resolve()
+
+
+@app.command(epilog="Examples:\n\n"
+                    "llamacpu batch requests.jsonl -o results.jsonl --temperature 0 --max-tokens 64\n\n"
+                    "llamacpu batch requests.jsonl -o results.jsonl --address head:6379 --workers 16")
+@_guarded
+def batch(
+    in_path: Annotated[Path, typer.Argument(
+        metavar="IN", help='JSONL requests, one per line: {"id", "prompt" or "messages", optional settings} (as run --jsonl).',
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL results; an existing one is resumed.",
+                                      show_default=False)],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="A GGUF file or HF folder (the same path on every node). Default: SmolLM2-135M-Instruct.",
+        show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Ray actors, each with the model loaded once. Default: as many as the CPUs allow.",
+        show_default=False)] = None,
+    threads: Annotated[int, typer.Option(help="Compute threads per worker (its Ray num_cpus).")] = 1,
+    address: Annotated[Optional[str], typer.Option(
+        help="Join this Ray cluster (HOST:PORT of its head, or auto). Default: start a local Ray.",
+        show_default=False)] = None,
+    max_tokens: MaxTokens = RUN_MAX_TOKENS,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None,
+    seed: Seed = None,
+    system: System = None,
+    ctx: Ctx = CTX,
+    quant: Quant = None,
+) -> None:
+    """Run a JSONL file of requests on Ray workers: one result row per line, in order, resumable.
+
+    Each row is the one `run --jsonl` prints for the line. Rerun with the same -o to resume.
+    Progress (rows/s, tokens/s, ETA) and a summary go to stderr.
+    """
+    import tempfile
+
+    from .batch import check_model, cluster_cpus, plan_job, ray_cluster, run_batch
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+    _check_given(given)
+    if seed is not None:
+        resolve_seed(seed)
+    if max_tokens < 0:
+        raise LlamacpuError(f"--max-tokens must be >= 0, got {max_tokens}")
+    if ctx < 1:
+        raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
+    if threads < 1 or (workers is not None and workers < 1):
+        raise LlamacpuError("--workers and --threads must be at least 1")
+    # Sampling settings not given here come from the model (each worker reads them, as `run` does).
+    defaults = dict(system=system, raw=False, max_tokens=max_tokens, seed=seed, stop=[], **given)
+    job = plan_job(in_path, out)
+    t0 = time.perf_counter()
+    state = None
+    if job.pending:
+        path = _model_path(model)
+        if address is None:
+            check_model(path)  # fail here, in one line, rather than in every worker
+        # Ray writes log lines and error reports of its own to fd 1 and 2 (from C++ too) and to
+        # sys.stdout/stderr: all of them go to a log in a temp dir that also holds Ray's session;
+        # ours go to the real stderr, `err`. The dir is removed unless the job fails unexpectedly.
+        logs = Path(tempfile.mkdtemp(prefix="llamacpu-batch-"))
+        keep = False
+        with _output_moved_to(logs / "output.log") as err:
+            bar = _BatchProgress(err)
+            try:
+                local = workers * threads if workers is not None else None
+                with ray_cluster(address, local, logs):
+                    n = workers or max(1, cluster_cpus() // threads)
+                    bar.say(f"batch: {len(job.pending)} of {job.total} rows to compute on {n} workers × "
+                            f"{threads} threads" + (f" ({job.done} already in {out})" if job.done else ""))
+                    state = run_batch(job, out, model_path=path, model_spec=model, workers=n, threads=threads, quant=quant,
+                                      defaults=defaults, ctx=ctx, progress=bar)
+            except LlamacpuError:
+                raise
+            except BaseException:
+                keep = not isinstance(sys.exc_info()[1], KeyboardInterrupt)
+                bar.say(f"batch: stopped; {out} holds whole rows, and a rerun resumes"
+                        + (f" (Ray's logs: {logs})" if keep else ""))
+                raise
+            finally:
+                bar.close()
+                if not keep:
+                    shutil.rmtree(logs, ignore_errors=True)
+    errors = job.done_errors + (state.errors if state else 0)
+    tokens = f" · {state.tokens_per_s:.1f} tok/s, {state.rows_per_s:.2f} rows/s" if state and state.computed else ""
+    _info_line(f"batch: {job.total} rows in {out} ({job.done} resumed, {state.computed if state else 0} computed), "
+               f"{errors} errors, {time.perf_counter() - t0:.1f} s{tokens}")
+
+
+class _output_moved_to:
+    """Point fd 1 and 2, sys.stdout and sys.stderr at `log`; yield a stream on the real stderr."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def __enter__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._fds = os.dup(1), os.dup(2)
+        self._streams = sys.stdout, sys.stderr
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = sys.stderr = open(self.log, "a", buffering=1, encoding="utf-8", errors="replace")
+        self._err = open(self._fds[1], "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        return self._err
+
+    def __exit__(self, *exc):
+        sys.stdout.close()
+        self._err.flush()
+        for target, fd in zip((1, 2), self._fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdout, sys.stderr = self._streams
+        return False
+
+
+class _BatchProgress:
+    """Batch progress on `err`: a rich bar on a terminal, else a plain line every PLAIN_EVERY seconds."""
+
+    PLAIN_EVERY = 10.0
+
+    def __init__(self, err):
+        self._err = err
+        self._bar = None
+        self._last = 0.0
+        if err.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            self._bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rates]}"),
+                                 console=Console(file=err, highlight=False), transient=True)
+
+    def say(self, message: str) -> None:
+        print(message, file=self._err, flush=True)
+
+    def __call__(self, p) -> None:
+        eta = "-" if p.eta_seconds is None else _duration(p.eta_seconds)
+        rates = f"{p.rows_per_s:.2f} rows/s · {p.tokens_per_s:.1f} tok/s · {p.errors} errors · ETA {eta}"
+        if self._bar is not None:
+            if not self._bar.task_ids:
+                self._bar.start()
+                self._bar.add_task("batch", total=p.total, completed=p.done, rates=rates)
+            self._bar.update(self._bar.task_ids[0], completed=p.done, rates=rates)
+        elif time.monotonic() - self._last >= self.PLAIN_EVERY or p.done == p.total:
+            self._last = time.monotonic()
+            self.say(f"batch: {p.done}/{p.total} rows · {rates}")
+
+    def close(self) -> None:
+        if self._bar is not None and self._bar.task_ids:
+            self._bar.stop()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 # ---- serve --------------------------------------------------------------------------------------
 
 @app.command(epilog="Examples:\n\n"
@@ -1013,7 +1085,7 @@ def serve(
         raise LlamacpuError(f"--port must be in 0..65535, got {port}")
     rt = _open(model, quant=quant, threads=threads)
     _notices(rt, True)
-    llm = LLM(rt, ctx=_context_size(rt, ctx), spec=model)
+    llm = LLM(rt, ctx=context_size(rt, ctx), spec=model)
     run_server(llm, host=host, port=port, api_key=api_key, parallel=parallel, access_log=verbose,
                on_ready=lambda url: _say(f"serving {llm.name} on {url}/v1 (context {llm.ctx}, "
                                          f"{parallel} parallel; Ctrl-C to stop)"))
