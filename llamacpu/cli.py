@@ -889,25 +889,25 @@ def _model_path(spec: str | None) -> Path:
     return _resolve(spec).resolve()
 
 
-@app.command(epilog="Examples:\n\n"
-                    "llamacpu batch requests.jsonl -o results.jsonl --temperature 0 --max-tokens 64\n\n"
-                    "llamacpu batch requests.jsonl -o results.jsonl --address head:6379 --workers 16")
+@app.command(short_help="Run a JSONL file of requests on Ray workers.", epilog=_examples(
+    "llamacpu batch requests.jsonl -o results.jsonl --temp 0 -n 64",
+    "llamacpu batch requests.jsonl -o results.jsonl --address head:6379 --workers 16"))
 @_guarded
 def batch(
     in_path: Annotated[Path, typer.Argument(
         metavar="IN", help='JSONL requests, one per line: {"id", "prompt" or "messages", optional settings} (as run --jsonl).',
         show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL results; an existing one is resumed.",
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="The JSONL results; an existing one is resumed.",
                                       show_default=False)],
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="A GGUF file or HF folder (the same path on every node). Default: SmolLM2-135M-Instruct.",
+        "--model", "-m", metavar="MODEL", help="A model name, GGUF file or HF folder (the same path on every node). Default: smollm2.",
         show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option(
-        help="Ray actors, each with the model loaded once. Default: as many as the CPUs allow.",
+        "--workers", metavar="N", help="Ray actors, each with the model loaded once. Default: as many as the CPUs allow.",
         show_default=False)] = None,
-    threads: Annotated[int, typer.Option(help="Compute threads per worker (its Ray num_cpus).")] = 1,
+    threads: Annotated[int, typer.Option("--threads", "-t", metavar="N", help="Compute threads per worker (its Ray num_cpus).")] = 1,
     address: Annotated[Optional[str], typer.Option(
-        help="Join this Ray cluster (HOST:PORT of its head, or auto). Default: start a local Ray.",
+        "--address", metavar="ADDRESS", help="Join this Ray cluster (HOST:PORT of its head, or auto). Default: start a local Ray.",
         show_default=False)] = None,
     max_tokens: MaxTokens = RUN_MAX_TOKENS,
     temperature: Temperature = None,
@@ -1050,18 +1050,18 @@ def _duration(seconds: float) -> str:
 
 # ---- serve --------------------------------------------------------------------------------------
 
-@app.command(epilog="Examples:\n\n"
-                    "llamacpu serve\n\n"
-                    "llamacpu serve model.gguf --port 8000 --parallel 8\n\n"
-                    "LLAMACPU_API_KEY=secret llamacpu serve --host 0.0.0.0")
+@app.command(short_help="Serve a model over an OpenAI-compatible HTTP API.", epilog=_examples(
+    "llamacpu serve",
+    "llamacpu serve model.gguf --port 8000 --parallel 8",
+    "LLAMACPU_API_KEY=secret llamacpu serve --host 0.0.0.0"))
 @_guarded
 def serve(
     model: ModelArg = None,
-    host: Annotated[str, typer.Option(help="Address to listen on. Beyond 127.0.0.1 an API key is required.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on. Beyond 127.0.0.1 an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="N", help="TCP port.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(
-        envvar="LLAMACPU_API_KEY", help="Require this key as 'Authorization: Bearer KEY'.", show_default=False)] = None,
-    parallel: Annotated[int, typer.Option(help="Requests decoded together (each has its own KV cache); more wait.")] = 4,
+        "--api-key", envvar="LLAMACPU_API_KEY", metavar="KEY", help="Require this key as 'Authorization: Bearer KEY'.", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="Requests decoded together (each has its own KV cache); more wait.")] = 4,
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
