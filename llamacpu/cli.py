@@ -977,6 +977,8 @@ def batch(
     tokens = f" · {state.tokens_per_s:.1f} tok/s, {state.rows_per_s:.2f} rows/s" if state and state.computed else ""
     _info_line(f"batch: {job.total} rows in {out} ({job.done} resumed, {state.computed if state else 0} computed), "
                f"{errors} errors, {time.perf_counter() - t0:.1f} s{tokens}")
+    if errors:
+        raise typer.Exit(EXIT_GENERATION)  # some rows failed; each says why (the rule of `run --jsonl`)
 
 
 class _output_moved_to:

@@ -67,7 +67,7 @@ def requests(tmp_path_factory) -> Path:
 def reference(requests, smollm2_path) -> list[dict]:
     r = subprocess.run(command() + ["run", str(smollm2_path), "--jsonl"], input=requests.read_text(),
                        capture_output=True, text=True, env=env(), timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # one row failed (the malformed line): exit 1, as for every command
     out = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(out) == len(PROMPTS) + 2 and sum("error" in o for o in out) == 1
     return out
@@ -81,7 +81,7 @@ def finished(requests, smollm2_path, tmp_path_factory) -> tuple[Path, subprocess
 
 def test_rows_equal_run_jsonl_in_order(finished, reference):
     out, r = finished
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
     got = rows(out)
     assert [same(g) for g in got] == [same(x) for x in reference]
     assert "error" in got[3] and "JSON" in got[3]["error"]
@@ -98,7 +98,7 @@ def test_resume_computes_only_the_missing_rows(finished, requests, smollm2_path,
     out = tmp_path / "out.jsonl"
     out.write_bytes(keep + data.splitlines(keepends=True)[3][:20])  # a torn fourth line, as after a crash
     r = batch(requests, out, smollm2_path)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
     assert out.read_bytes().startswith(keep)  # the kept rows, timings included: not recomputed
     assert [same(x) for x in rows(out)] == [same(x) for x in rows(full)]
     assert "3 resumed" in r.stderr
@@ -106,7 +106,7 @@ def test_resume_computes_only_the_missing_rows(finished, requests, smollm2_path,
     # A finished file is not touched, and nothing starts.
     before, mtime = out.read_bytes(), out.stat().st_mtime_ns
     r = batch(requests, out, smollm2_path)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
     assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime
     assert "0 computed" in r.stderr
 
