@@ -8,7 +8,8 @@ Two paths compute the same math:
 - decode (one new token, block-quantized weights): `kernels.decode_step` runs every layer and
   the output head in one Numba call, so Python costs one dispatch per token;
 - everything else (prefill of T tokens, f32/f16 weights): the layer loop below, with the
-  matrix products in BLAS (`linear.py`) and norm/RoPE in kernels.
+  matrix products in `linear.py` (the integer GEMM for block weights, BLAS for dense ones)
+  and norm/RoPE in kernels.
 
 Shapes: T new tokens, S cached positions, D model width, H query heads, Hkv key/value
 heads, hd head_dim, F SwiGLU width, V vocab, L layers.
@@ -26,14 +27,14 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import Linear, PackedBlocks, pack, pack_stack, set_blas_threads
+from .linear import ACT_PLANES, Linear, PackedBlocks, pack, pack_stack, set_blas_threads
 from .quant import BLOCK_BYTES, QTensor, dequantize
 
 KV_DTYPES = (np.float32, np.float16)
-# Decode-path activations are quantized to 16-bit blocks: the logits then match f32 activations
-# (error ~5e-3 on SmolLM2) for ~4% more time per step than ggml's 8-bit blocks, whose error
-# (up to ~1 logit, KL ~2e-3 per token) flips greedy near-ties. See tools/decode_quality.py.
-ACT_DTYPES = {8: np.int8, 16: np.int16}
+# Activations of the integer kernels: 16 (the 15-bit two-plane split) keeps the logits near the
+# f32 path's; 8 is ggml's Q8 activation: faster, and its error (up to ~1 logit, KL ~2e-3 per
+# token on SmolLM2) flips greedy near-ties. See tools/decode_quality.py.
+ACT_BITS = tuple(ACT_PLANES)
 ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
 
@@ -72,22 +73,22 @@ class KVCache:
 @dataclass
 class Layer:
     attn_norm: np.ndarray  # (D,)
-    qkv: list[Linear]  # [Wq|Wk|Wv] fused (H*hd + 2*Hkv*hd, D), or [Wq, Wk, Wv] for dense weights
+    qkv: Linear  # [Wq|Wk|Wv] fused (H*hd + 2*Hkv*hd, D)
     wo: Linear  # (D, H*hd)
     mlp_norm: np.ndarray  # (D,)
-    gate_up: list[Linear]  # [Wgate|Wup] fused (2F, D), or [Wgate, Wup]
+    gate_up: Linear  # [Wgate|Wup] fused (2F, D)
     w_down: Linear  # (D, F)
 
 
 @dataclass
 class DecodeWeights:
-    """Every layer's block weights stacked (L, rows, ...) for `kernels.decode_step`."""
+    """Every layer's block weights stacked (L, row groups, ...) for `kernels.decode_step`."""
 
-    qkv: PackedBlocks  # (L, H*hd + 2*Hkv*hd, D)
-    wo: PackedBlocks  # (L, D, H*hd)
-    gate_up: PackedBlocks  # (L, 2F, D)
-    w_down: PackedBlocks  # (L, D, F)
-    head: PackedBlocks  # (V, D)
+    qkv: PackedBlocks  # (L, H*hd + 2*Hkv*hd rows, D)
+    wo: PackedBlocks  # (L, D rows, H*hd)
+    gate_up: PackedBlocks  # (L, 2F rows, D)
+    w_down: PackedBlocks  # (L, D rows, F)
+    head: PackedBlocks  # (V rows, D)
     attn_norm: np.ndarray  # (L, D)
     mlp_norm: np.ndarray  # (L, D)
 
@@ -204,6 +205,7 @@ class Model:
     Block-quantized matrices (q8_0, q4_0, q4_1) are packed once here for the kernels;
     `threads` (default: the available cores) sets the kernels' parallelism. The integer kernels
     take activations quantized to `act_bits` (16, or 8 as ggml: faster, less exact) per block.
+    wq|wk|wv and w_gate|w_up are fused into one matrix each, whatever their format.
     """
 
     def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], *, threads: int | None = None,
@@ -212,9 +214,9 @@ class Model:
         max_threads = numba.config.NUMBA_NUM_THREADS
         if threads is not None and not 1 <= threads <= max_threads:
             raise LlamacpuError(f"threads must be between 1 and {max_threads}, got {threads}")
-        if act_bits not in ACT_DTYPES:
+        if act_bits not in ACT_BITS:
             raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
-        self.act_dtype = ACT_DTYPES[act_bits]
+        self.act_bits = act_bits
         self.threads = threads or default_threads()
         self.thread_chooser = ThreadChooser(self.threads)  # decode steps
         self._prefilled = False  # the first prefill also loads kernels: its first layers are not timed
@@ -233,17 +235,25 @@ class Model:
         self.decode_weights: DecodeWeights | None = None
         if all(m.fmt in BLOCK_BYTES for m in matrices + [output]):
             self._build_packed(layer_t, output)
-        else:  # dense (f32/f16) weights: the reference path, numpy throughout
-            self.output = Linear(output, self.threads)
+        else:  # some dense (f32/f16) weights: the layer loop for every token
+            self.output = self._linear([output])
             self.layers = [Layer(attn_norm=t["attn_norm"].dequantize(),
-                                 qkv=[Linear(t[n], self.threads) for n in ("wq", "wk", "wv")],
-                                 wo=Linear(t["wo"], self.threads),
+                                 qkv=self._linear([t["wq"], t["wk"], t["wv"]]),
+                                 wo=self._linear([t["wo"]]),
                                  mlp_norm=t["mlp_norm"].dequantize(),
-                                 gate_up=[Linear(t[n], self.threads) for n in ("w_gate", "w_up")],
-                                 w_down=Linear(t["w_down"], self.threads)) for t in layer_t]
-        widest = max(lin.out_features * lin.in_features for layer in self.layers
-                     for lin in (*layer.qkv, layer.wo, *layer.gate_up, layer.w_down))
-        self._panel = np.empty(widest, dtype=np.float32)  # reused by prefill's dequantized matrices
+                                 gate_up=self._linear([t["w_gate"], t["w_up"]]),
+                                 w_down=self._linear([t["w_down"]])) for t in layer_t]
+
+    def _linear(self, group: list[QTensor]) -> Linear:
+        """One Linear for matrices of the same input, rows concatenated: packed if they are all
+        block-quantized, else dense (f16 if they all are, else f32; block members dequantized)."""
+        if all(t.fmt in BLOCK_BYTES for t in group):
+            return Linear(pack_stack([group])[0], self.threads, self.act_bits)
+        if len(group) == 1:
+            return Linear(group[0], self.threads, self.act_bits)
+        f16 = all(t.fmt == "f16" for t in group)
+        w = np.concatenate([t.data if f16 else t.dequantize() for t in group])  # (sum of rows, in)
+        return Linear(w.astype(np.float16 if f16 else np.float32, copy=False), self.threads, self.act_bits)
 
     def _build_packed(self, layer_t: list[dict[str, QTensor]], output: QTensor) -> None:
         stacks = {
@@ -256,15 +266,13 @@ class Model:
         mlp_norm = np.stack([t["mlp_norm"].dequantize() for t in layer_t]).astype(np.float32)
         head = pack(output)
         self.decode_weights = DecodeWeights(**stacks, head=head, attn_norm=attn_norm, mlp_norm=mlp_norm)
-        act = self.act_dtype
+        act = self.act_bits
         self.output = Linear(head, self.threads, act)
-        self.layers = [Layer(attn_norm=attn_norm[i], qkv=[Linear(stacks["qkv"][i], self.threads, act)],
+        self.layers = [Layer(attn_norm=attn_norm[i], qkv=Linear(stacks["qkv"][i], self.threads, act),
                              wo=Linear(stacks["wo"][i], self.threads, act), mlp_norm=mlp_norm[i],
-                             gate_up=[Linear(stacks["gate_up"][i], self.threads, act)],
+                             gate_up=Linear(stacks["gate_up"][i], self.threads, act),
                              w_down=Linear(stacks["w_down"][i], self.threads, act))
                        for i in range(len(layer_t))]
-        c = self.config
-        self._xq = np.empty(max(c.hidden_size, c.intermediate_size, c.q_dim), dtype=act)  # decode scratch
 
     def new_cache(self, max_seq: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, max_seq or self.config.max_position_embeddings, dtype)
@@ -307,33 +315,25 @@ class Model:
         """One token through the fused kernel → logits (V,)."""
         c, w = self.config, self.decode_weights
         x = self.embed_tokens(tokens)[0]  # (D,)
-        logits = np.empty(c.vocab_size, dtype=np.float32)  # (V,)
+        logits = np.empty(w.head.padded_rows, dtype=np.float32)  # (V rounded up to 16,)
         k, v = cache.kernel_views()
         nt = self.thread_chooser.pick()
         numba.set_num_threads(nt)
         t0 = time.perf_counter()
         kernels.decode_step(
             x, cache.pos, w.attn_norm, w.mlp_norm, self.norm,
-            w.qkv.w, w.qkv.d, w.qkv.m, w.qkv.bits, w.wo.w, w.wo.d, w.wo.m, w.wo.bits,
-            w.gate_up.w, w.gate_up.d, w.gate_up.m, w.gate_up.bits,
-            w.w_down.w, w.w_down.d, w.w_down.m, w.w_down.bits,
-            w.head.w, w.head.d, w.head.m, w.head.bits,
-            k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
-            float(c.rms_norm_eps), nt, self._xq, logits)
+            w.qkv.kernel_args, w.wo.kernel_args, w.gate_up.kernel_args, w.w_down.kernel_args,
+            w.head.kernel_args, k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
+            float(c.rms_norm_eps), ACT_PLANES[self.act_bits], nt, logits)
         self.thread_chooser.record(nt, time.perf_counter() - t0)
         cache.pos += 1
-        return logits
+        return logits[:c.vocab_size]
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """RMSNorm of x (T, D) by weight (D,)."""
         out = np.empty_like(x)
         kernels.rms_norm(x, weight, float(self.config.rms_norm_eps), out)
         return out
-
-    def _project(self, group: list[Linear], h: np.ndarray) -> np.ndarray:
-        """h (T, D) through fused (or side-by-side) matrices → (T, sum of their rows)."""
-        outs = [lin(h, self._panel) for lin in group]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
     def _prefill(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         c = self.config
@@ -351,7 +351,7 @@ class Model:
             set_blas_threads(nt)
             t0 = time.perf_counter()
             h = self._norm(x, layer.attn_norm)  # (T, D)
-            qkv = self._project(layer.qkv, h)  # (T, H*hd + 2*Hkv*hd)
+            qkv = layer.qkv(h)  # (T, H*hd + 2*Hkv*hd)
             q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
             k = np.ascontiguousarray(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, Hkv, hd))  # (T, Hkv, hd)
             v = qkv[:, c.q_dim + c.kv_dim:].reshape(T, Hkv, hd)  # (T, Hkv, hd)
@@ -362,16 +362,16 @@ class Model:
             ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
             vs = cache.v[li, :S].astype(np.float32, copy=False)
             a = attention(q, ks, vs, start).reshape(T, c.q_dim)  # (T, H*hd)
-            x += layer.wo(a, self._panel)  # (T, D)
+            x += layer.wo(a)  # (T, D)
             h = self._norm(x, layer.mlp_norm)
-            gu = self._project(layer.gate_up, h)  # (T, 2F): gate | up
+            gu = layer.gate_up(h)  # (T, 2F): gate | up
             g, u = gu[:, :F], gu[:, F:]
-            x += layer.w_down(g / (1.0 + np.exp(-g)) * u, self._panel)  # SwiGLU: silu(g) * u
+            x += layer.w_down(g / (1.0 + np.exp(-g)) * u)  # SwiGLU: silu(g) * u
             chooser.record(nt, time.perf_counter() - t0)
         numba.set_num_threads(self.threads)
         set_blas_threads(self.threads)
         cache.pos = S
         if not all_logits:
             x = x[-1:]
-        logits = self.output(self._norm(np.ascontiguousarray(x), self.norm), self._panel)  # (T, V)
+        logits = self.output(self._norm(np.ascontiguousarray(x), self.norm))  # (T, V)
         return logits if all_logits else logits[0]
