@@ -99,12 +99,12 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, nt: int = 1) -> np.ndarray:
     """Causal grouped-query attention, in BLAS-sized blocks (the prefill path).
 
     q (T, H, hd) for positions start..start+T-1; k, v (S, Hkv, hd) f32 for positions 0..S-1
     with S = start + T. Each group of H/Hkv query heads reads one K/V head, unrepeated.
-    Returns (T, H, hd).
+    `nt` threads run the softmax. Returns (T, H, hd).
     """
     T, H, hd = q.shape
     S, Hkv, _ = k.shape
@@ -120,12 +120,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
         qg = np.ascontiguousarray(q[t0:t1].reshape(n, Hkv, rep, hd).transpose(1, 0, 2, 3))  # (Hkv, n, rep, hd)
         scores = qg.reshape(Hkv, n * rep, hd) @ kh[:, :s1].transpose(0, 2, 1)  # (Hkv, n*rep, s1)
         scores = scores.reshape(Hkv, n, rep, s1)
-        scores *= scale
-        hidden = np.arange(s1)[None, :] > (start + np.arange(t0, t1))[:, None]  # (n, s1) future positions
-        np.copyto(scores, np.float32(-np.inf), where=hidden[None, :, None, :])
-        scores -= scores.max(axis=-1, keepdims=True)  # stable softmax
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
+        kernels.softmax_causal(scores, scale, start + t0, nt)  # later positions masked
         o = scores.reshape(Hkv, n * rep, s1) @ vh[:, :s1]  # (Hkv, n*rep, hd)
         out[t0:t1] = o.reshape(Hkv, n, rep, hd).transpose(1, 0, 2, 3)
     return out.reshape(T, H, hd)
@@ -361,12 +356,13 @@ class Model:
             cache.v[li, start:S] = v
             ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
             vs = cache.v[li, :S].astype(np.float32, copy=False)
-            a = attention(q, ks, vs, start).reshape(T, c.q_dim)  # (T, H*hd)
+            a = attention(q, ks, vs, start, nt).reshape(T, c.q_dim)  # (T, H*hd)
             x += layer.wo(a)  # (T, D)
             h = self._norm(x, layer.mlp_norm)
             gu = layer.gate_up(h)  # (T, 2F): gate | up
-            g, u = gu[:, :F], gu[:, F:]
-            x += layer.w_down(g / (1.0 + np.exp(-g)) * u)  # SwiGLU: silu(g) * u
+            act = np.empty((T, F), dtype=np.float32)
+            kernels.swiglu_rows(gu, act, nt)  # SwiGLU: silu(gate) * up
+            x += layer.w_down(act)
             chooser.record(nt, time.perf_counter() - t0)
         numba.set_num_threads(self.threads)
         set_blas_threads(self.threads)

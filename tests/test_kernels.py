@@ -260,6 +260,25 @@ def test_swiglu():
     np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
 
 
+def test_swiglu_rows():
+    gu = (RNG.standard_normal((5, 2 * 40)) * 6).astype(np.float32)
+    out = np.empty((5, 40), np.float32)
+    kernels.swiglu_rows(gu, out, 2)
+    g, u = gu[:, :40].astype(np.float64), gu[:, 40:].astype(np.float64)
+    np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,start,H,Hkv", [(1, 0, 4, 4), (7, 0, 6, 2), (300, 5, 4, 1), (3, 250, 2, 2)])
+def test_prefill_attention(T, start, H, Hkv):
+    """The prefill path's blocked attention (BLAS products, causal softmax kernel) vs the f64 twin."""
+    from llamacpu.model import attention
+    hd, S = 16, start + T
+    q = (RNG.standard_normal((T, H, hd)) * 3).astype(np.float32)
+    k = (RNG.standard_normal((S, Hkv, hd)) * 3).astype(np.float32)
+    v = RNG.standard_normal((S, Hkv, hd)).astype(np.float32)
+    np.testing.assert_allclose(attention(q, k, v, start, 2), ref_attention(q, k, v, start), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("H,Hkv,S,dtype", [(4, 4, 1, np.float32), (9, 3, 37, np.float32), (8, 2, 200, np.float16),
                                            (6, 1, 5, np.float16)])
 def test_attention_decode(H, Hkv, S, dtype):
