@@ -47,6 +47,7 @@ Ctx = Annotated[int, typer.Option(help="Context size in tokens (capped at the mo
 Quant = Annotated[Optional[str], typer.Option(
     help="Quantize at load: q8_0, q4_0, q4_1, f16 or f32 (HF folders default to q8_0).", show_default=False)]
 Threads = Annotated[Optional[int], typer.Option(help="Compute threads. Default: all cores.", show_default=False)]
+ActBits = Annotated[int, typer.Option(help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster prefill).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Notices and speed on stderr (always on a terminal).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
@@ -102,12 +103,15 @@ def _guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False):
+def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
+          act_bits: int = 16):
     """Open MODEL, or the default model (telling the user if it must be fetched first)."""
     from .default_model import default_model
     from .runtime import open_model
     if threads is not None and threads < 1:
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
+    if act_bits not in (8, 16):
+        raise LlamacpuError(f"--act-bits must be 8 or 16, got {act_bits}")
     if model is None:
         progress = _convert_progress_callback()
         try:
@@ -117,7 +121,7 @@ def _open(model: str | None, *, quant: str | None = None, threads: int | None = 
                 progress.close()
     else:
         path = Path(model)
-    return open_model(path, quant=quant, threads=threads, dequantize=dequantize)
+    return open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -206,6 +210,7 @@ def run(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    act_bits: ActBits = 16,
     verbose: Verbose = False,
 ) -> None:
     """Generate text for one prompt (or a batch), for shells and scripts."""
@@ -230,7 +235,7 @@ def run(
             raise LlamacpuError("--jsonl reads its prompts from stdin; give no PROMPT argument")
         if sys.stdin.isatty():
             raise LlamacpuError("--jsonl reads requests from stdin, which is a terminal")
-        rt = _open(model, quant=quant, threads=threads)
+        rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
         _notices(rt, show_info)
         for index, line in enumerate(sys.stdin):
             if not line.strip():
@@ -249,7 +254,7 @@ def run(
     if not prompt.strip():
         raise LlamacpuError("the prompt is empty")
 
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
     _notices(rt, show_info)
     ids = encode_prompt(rt.tokenizer, rt.template, prompt, system=system, raw=raw or rt.template is None)
     seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 32)
@@ -585,11 +590,12 @@ def bench(
     gen_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 128,
     threads: Threads = None,
     quant: Quant = None,
+    act_bits: ActBits = 16,
     as_json: AsJson = False,
 ) -> None:
     """Measure prefill and decode speed (tokens per second)."""
     from .bench import run_bench
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
     result = run_bench(rt, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
     _render_mapping(f"bench {rt.checkpoint.source.name}", result.to_dict(), as_json)
 

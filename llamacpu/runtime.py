@@ -25,7 +25,7 @@ class Runtime:
 
 
 def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None = None,
-               threads: int | None = None) -> Runtime:
+               threads: int | None = None, act_bits: int = 16) -> Runtime:
     """Open a GGUF file or HF folder.
 
     dequantize: every weight as f32 (the reference path).
@@ -33,6 +33,7 @@ def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None 
         float; a GGUF already in that format is used as is). None keeps what the file has,
         except that HF folders are quantized to q8_0.
     threads: kernel threads (None: all available cores).
+    act_bits: activation bits of the integer kernels, 16 or 8 (see `Model`).
     """
     t0 = time.perf_counter()
     ckpt = load_checkpoint(path, dequantize=dequantize)
@@ -41,7 +42,7 @@ def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None 
     if quant is not None and not dequantize:
         from .convert import quantize_checkpoint
         ckpt = quantize_checkpoint(ckpt, quant)
-    model = Model(ckpt.config, ckpt.tensors, threads=threads)
+    model = Model(ckpt.config, ckpt.tensors, threads=threads, act_bits=act_bits)
     tokenizer = ckpt.tokenizer()
     template = ckpt.chat_template(tokenizer)
     return Runtime(model, tokenizer, template, ckpt, time.perf_counter() - t0)

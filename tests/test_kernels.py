@@ -279,6 +279,13 @@ def test_prefill_attention(T, start, H, Hkv):
     np.testing.assert_allclose(attention(q, k, v, start, 2), ref_attention(q, k, v, start), rtol=1e-4, atol=1e-5)
 
 
+def test_open_model_passes_act_bits(smollm2_path):
+    from llamacpu.runtime import open_model
+    assert open_model(smollm2_path, act_bits=8).model.layers[0].qkv.act_bits == 8
+    with pytest.raises(LlamacpuError):
+        open_model(smollm2_path, act_bits=4)
+
+
 @pytest.mark.parametrize("H,Hkv,S,dtype", [(4, 4, 1, np.float32), (9, 3, 37, np.float32), (8, 2, 200, np.float16),
                                            (6, 1, 5, np.float16)])
 def test_attention_decode(H, Hkv, S, dtype):
