@@ -1,7 +1,7 @@
 """Numba kernels: the hot loops of the decoder, on raw arrays.
 
-Every kernel is `@njit(cache=True)`, named after its math, and has a plain-numpy twin in
-`tests/test_kernels.py`. Kernels do not check bounds: callers (`linear.py`, `model.py`)
+Every kernel is `@njit(cache=True)` (those holding ISA-specific code: `cache=ISA_CACHE`),
+named after its math, and has a plain-numpy twin in `tests/test_kernels.py`. Kernels do not check bounds: callers (`linear.py`, `model.py`)
 validate shapes and indices first. This module imports only numpy, numba and llvmlite.
 
 Matrix products are one integer GEMM (`gemm_blocks`) over weights packed in row groups of 16
@@ -14,6 +14,8 @@ LLAMACPU_ISA forces one), and has a portable twin (`tile_portable`).
 Codegen notes, measured on this CPU:
 - Indices are unsigned (uint64) so LLVM drops the negative-index wraparound, which
   otherwise blocks vectorization (about 5x slower).
+- The GEMM tile reaches ~300 GMAC/s (4-bit) and ~240 (8-bit) per Zen 5 core from L1; the
+  whole GEMM ~290 when each row group's weights meet 512 KB of activations per read.
 - Parallel kernels take the thread count `nt` and split rows into `nt` chunks; calling
   `numba.get_num_threads()` inside would prevent caching.
 - Numba has no float16 on the CPU: an f16 KV cache is passed as its uint16 view and
