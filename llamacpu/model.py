@@ -8,7 +8,8 @@ Two paths compute the same math:
 - decode (one new token, block-quantized weights): `kernels.decode_step` runs every layer and
   the output head in one Numba call, so Python costs one dispatch per token;
 - everything else (prefill of T tokens, f32/f16 weights): the layer loop below, with the
-  matrix products in BLAS (`linear.py`) and norm/RoPE in kernels.
+  matrix products in `linear.py` (the integer GEMM for block weights, BLAS for dense ones)
+  and norm/RoPE in kernels.
 
 Shapes: T new tokens, S cached positions, D model width, H query heads, Hkv key/value
 heads, hd head_dim, F SwiGLU width, V vocab, L layers.
@@ -26,14 +27,16 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import Linear, PackedBlocks, pack, pack_stack, set_blas_threads
+from .linear import ACT_PLANES, Linear, PackedBlocks, pack, pack_stack, set_blas_threads
 from .quant import BLOCK_BYTES, QTensor, dequantize
 
 KV_DTYPES = (np.float32, np.float16)
-# Decode-path activations are quantized to 16-bit blocks: the logits then match f32 activations
-# (error ~5e-3 on SmolLM2) for ~4% more time per step than ggml's 8-bit blocks, whose error
-# (up to ~1 logit, KL ~2e-3 per token) flips greedy near-ties. See tools/decode_quality.py.
-ACT_DTYPES = {8: np.int8, 16: np.int16}
+# Activations of the integer kernels: 16 (the 15-bit two-plane split) keeps the logits near the
+# f32 path's (SmolLM2, Q8_0/Q4_0/Q4_1: max error <= 0.02, KL < 1e-5, top-1 100%); 8 is ggml's Q8
+# activation, with llama.cpp's fidelity (error up to ~1.6 logits, KL ~3e-3, top-1 96%, greedy
+# near-ties flipped) and half the integer work: prefill ~1.5x faster, decode ~1.15x (memory-bound).
+# The same for every format, so 16 is the default and 8 the user's choice. tools/decode_quality.py.
+ACT_BITS = tuple(ACT_PLANES)
 ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
 
@@ -73,22 +76,22 @@ class KVCache:
 @dataclass
 class Layer:
     attn_norm: np.ndarray  # (D,)
-    qkv: list[Linear]  # [Wq|Wk|Wv] fused (H*hd + 2*Hkv*hd, D), or [Wq, Wk, Wv] for dense weights
+    qkv: Linear  # [Wq|Wk|Wv] fused (H*hd + 2*Hkv*hd, D)
     wo: Linear  # (D, H*hd)
     mlp_norm: np.ndarray  # (D,)
-    gate_up: list[Linear]  # [Wgate|Wup] fused (2F, D), or [Wgate, Wup]
+    gate_up: Linear  # [Wgate|Wup] fused (2F, D)
     w_down: Linear  # (D, F)
 
 
 @dataclass
 class DecodeWeights:
-    """Every layer's block weights stacked (L, rows, ...) for `kernels.decode_step`."""
+    """Every layer's block weights stacked (L, row groups, ...) for `kernels.decode_step`."""
 
-    qkv: PackedBlocks  # (L, H*hd + 2*Hkv*hd, D)
-    wo: PackedBlocks  # (L, D, H*hd)
-    gate_up: PackedBlocks  # (L, 2F, D)
-    w_down: PackedBlocks  # (L, D, F)
-    head: PackedBlocks  # (V, D)
+    qkv: PackedBlocks  # (L, H*hd + 2*Hkv*hd rows, D)
+    wo: PackedBlocks  # (L, D rows, H*hd)
+    gate_up: PackedBlocks  # (L, 2F rows, D)
+    w_down: PackedBlocks  # (L, D rows, F)
+    head: PackedBlocks  # (V rows, D)
     attn_norm: np.ndarray  # (L, D)
     mlp_norm: np.ndarray  # (L, D)
 
@@ -99,12 +102,12 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, nt: int = 1) -> np.ndarray:
     """Causal grouped-query attention, in BLAS-sized blocks (the prefill path).
 
     q (T, H, hd) for positions start..start+T-1; k, v (S, Hkv, hd) f32 for positions 0..S-1
     with S = start + T. Each group of H/Hkv query heads reads one K/V head, unrepeated.
-    Returns (T, H, hd).
+    `nt` threads run the softmax. Returns (T, H, hd).
     """
     T, H, hd = q.shape
     S, Hkv, _ = k.shape
@@ -120,12 +123,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
         qg = np.ascontiguousarray(q[t0:t1].reshape(n, Hkv, rep, hd).transpose(1, 0, 2, 3))  # (Hkv, n, rep, hd)
         scores = qg.reshape(Hkv, n * rep, hd) @ kh[:, :s1].transpose(0, 2, 1)  # (Hkv, n*rep, s1)
         scores = scores.reshape(Hkv, n, rep, s1)
-        scores *= scale
-        hidden = np.arange(s1)[None, :] > (start + np.arange(t0, t1))[:, None]  # (n, s1) future positions
-        np.copyto(scores, np.float32(-np.inf), where=hidden[None, :, None, :])
-        scores -= scores.max(axis=-1, keepdims=True)  # stable softmax
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
+        kernels.softmax_causal(scores, scale, start + t0, nt)  # later positions masked
         o = scores.reshape(Hkv, n * rep, s1) @ vh[:, :s1]  # (Hkv, n*rep, hd)
         out[t0:t1] = o.reshape(Hkv, n, rep, hd).transpose(1, 0, 2, 3)
     return out.reshape(T, H, hd)
@@ -205,6 +203,7 @@ class Model:
     Block-quantized matrices (q8_0, q4_0, q4_1) are packed once here for the kernels;
     `threads` (default: the available cores) sets the kernels' parallelism. The integer kernels
     take activations quantized to `act_bits` (16, or 8 as ggml: faster, less exact) per block.
+    wq|wk|wv and w_gate|w_up are fused into one matrix each, whatever their format.
     """
 
     def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], *, threads: int | None = None,
@@ -213,9 +212,9 @@ class Model:
         max_threads = numba.config.NUMBA_NUM_THREADS
         if threads is not None and not 1 <= threads <= max_threads:
             raise LlamacpuError(f"threads must be between 1 and {max_threads}, got {threads}")
-        if act_bits not in ACT_DTYPES:
+        if act_bits not in ACT_BITS:
             raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
-        self.act_dtype = ACT_DTYPES[act_bits]
+        self.act_bits = act_bits
         self.threads = threads or default_threads()
         self.thread_chooser = ThreadChooser(self.threads)  # decode steps
         self.batch_chooser = ThreadChooser(self.threads)  # layers of batched decode steps (`forward_batch`)
@@ -235,17 +234,25 @@ class Model:
         self.decode_weights: DecodeWeights | None = None
         if all(m.fmt in BLOCK_BYTES for m in matrices + [output]):
             self._build_packed(layer_t, output)
-        else:  # dense (f32/f16) weights: the reference path, numpy throughout
-            self.output = Linear(output, self.threads)
+        else:  # some dense (f32/f16) weights: the layer loop for every token
+            self.output = self._linear([output])
             self.layers = [Layer(attn_norm=t["attn_norm"].dequantize(),
-                                 qkv=[Linear(t[n], self.threads) for n in ("wq", "wk", "wv")],
-                                 wo=Linear(t["wo"], self.threads),
+                                 qkv=self._linear([t["wq"], t["wk"], t["wv"]]),
+                                 wo=self._linear([t["wo"]]),
                                  mlp_norm=t["mlp_norm"].dequantize(),
-                                 gate_up=[Linear(t[n], self.threads) for n in ("w_gate", "w_up")],
-                                 w_down=Linear(t["w_down"], self.threads)) for t in layer_t]
-        widest = max(lin.out_features * lin.in_features for layer in self.layers
-                     for lin in (*layer.qkv, layer.wo, *layer.gate_up, layer.w_down))
-        self._panel = np.empty(widest, dtype=np.float32)  # reused by prefill's dequantized matrices
+                                 gate_up=self._linear([t["w_gate"], t["w_up"]]),
+                                 w_down=self._linear([t["w_down"]])) for t in layer_t]
+
+    def _linear(self, group: list[QTensor]) -> Linear:
+        """One Linear for matrices of the same input, rows concatenated: packed if they are all
+        block-quantized, else dense (f16 if they all are, else f32; block members dequantized)."""
+        if all(t.fmt in BLOCK_BYTES for t in group):
+            return Linear(pack_stack([group])[0], self.threads, self.act_bits)
+        if len(group) == 1:
+            return Linear(group[0], self.threads, self.act_bits)
+        f16 = all(t.fmt == "f16" for t in group)
+        w = np.concatenate([t.data if f16 else t.dequantize() for t in group])  # (sum of rows, in)
+        return Linear(w.astype(np.float16 if f16 else np.float32, copy=False), self.threads, self.act_bits)
 
     def _build_packed(self, layer_t: list[dict[str, QTensor]], output: QTensor) -> None:
         stacks = {
@@ -258,15 +265,13 @@ class Model:
         mlp_norm = np.stack([t["mlp_norm"].dequantize() for t in layer_t]).astype(np.float32)
         head = pack(output)
         self.decode_weights = DecodeWeights(**stacks, head=head, attn_norm=attn_norm, mlp_norm=mlp_norm)
-        act = self.act_dtype
+        act = self.act_bits
         self.output = Linear(head, self.threads, act)
-        self.layers = [Layer(attn_norm=attn_norm[i], qkv=[Linear(stacks["qkv"][i], self.threads, act)],
+        self.layers = [Layer(attn_norm=attn_norm[i], qkv=Linear(stacks["qkv"][i], self.threads, act),
                              wo=Linear(stacks["wo"][i], self.threads, act), mlp_norm=mlp_norm[i],
-                             gate_up=[Linear(stacks["gate_up"][i], self.threads, act)],
+                             gate_up=Linear(stacks["gate_up"][i], self.threads, act),
                              w_down=Linear(stacks["w_down"][i], self.threads, act))
                        for i in range(len(layer_t))]
-        c = self.config
-        self._xq = np.empty(max(c.hidden_size, c.intermediate_size, c.q_dim), dtype=act)  # decode scratch
 
     def new_cache(self, max_seq: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, max_seq or self.config.context_length, dtype)
@@ -329,33 +334,25 @@ class Model:
         """One token through the fused kernel → logits (V,)."""
         c, w = self.config, self.decode_weights
         x = self.embed_tokens(tokens)[0]  # (D,)
-        logits = np.empty(c.vocab_size, dtype=np.float32)  # (V,)
+        logits = np.empty(w.head.padded_rows, dtype=np.float32)  # (V rounded up to 16,)
         k, v = cache.kernel_views()
         nt = self.thread_chooser.pick()
         numba.set_num_threads(nt)
         t0 = time.perf_counter()
         kernels.decode_step(
             x, cache.pos, w.attn_norm, w.mlp_norm, self.norm,
-            w.qkv.w, w.qkv.d, w.qkv.m, w.qkv.bits, w.wo.w, w.wo.d, w.wo.m, w.wo.bits,
-            w.gate_up.w, w.gate_up.d, w.gate_up.m, w.gate_up.bits,
-            w.w_down.w, w.w_down.d, w.w_down.m, w.w_down.bits,
-            w.head.w, w.head.d, w.head.m, w.head.bits,
-            k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
-            float(c.rms_norm_eps), nt, self._xq, logits)
+            w.qkv.kernel_args, w.wo.kernel_args, w.gate_up.kernel_args, w.w_down.kernel_args,
+            w.head.kernel_args, k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
+            float(c.rms_norm_eps), ACT_PLANES[self.act_bits], nt, logits)
         self.thread_chooser.record(nt, time.perf_counter() - t0)
         cache.pos += 1
-        return logits
+        return logits[:c.vocab_size]
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """RMSNorm of x (T, D) by weight (D,)."""
         out = np.empty_like(x)
         kernels.rms_norm(x, weight, float(self.config.rms_norm_eps), out)
         return out
-
-    def _project(self, group: list[Linear], h: np.ndarray) -> np.ndarray:
-        """h (T, D) through fused (or side-by-side) matrices → (T, sum of their rows)."""
-        outs = [lin(h, self._panel) for lin in group]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
     def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool,
                  chooser: ThreadChooser | None = None) -> np.ndarray:
@@ -377,7 +374,7 @@ class Model:
             set_blas_threads(nt)
             t0 = time.perf_counter()
             h = self._norm(x, layer.attn_norm)  # (T, D)
-            qkv = self._project(layer.qkv, h)  # (T, H*hd + 2*Hkv*hd)
+            qkv = layer.qkv(h)  # (T, H*hd + 2*Hkv*hd)
             q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
             k = np.ascontiguousarray(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, Hkv, hd))  # (T, Hkv, hd)
             v = qkv[:, c.q_dim + c.kv_dim:].reshape(T, Hkv, hd)  # (T, Hkv, hd)
@@ -390,12 +387,13 @@ class Model:
                 cache.v[li, start:S] = v[r0:r1]
                 ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
                 vs = cache.v[li, :S].astype(np.float32, copy=False)
-                a[r0:r1] = attention(q[r0:r1], ks, vs, start)
-            x += layer.wo(a.reshape(T, c.q_dim), self._panel)  # (T, D)
+                a[r0:r1] = attention(q[r0:r1], ks, vs, start, nt)
+            x += layer.wo(a.reshape(T, c.q_dim))  # (T, D)
             h = self._norm(x, layer.mlp_norm)
-            gu = self._project(layer.gate_up, h)  # (T, 2F): gate | up
-            g, u = gu[:, :F], gu[:, F:]
-            x += layer.w_down(g / (1.0 + np.exp(-g)) * u, self._panel)  # SwiGLU: silu(g) * u
+            gu = layer.gate_up(h)  # (T, 2F): gate | up
+            act = np.empty((T, F), dtype=np.float32)
+            kernels.swiglu_rows(gu, act, nt)  # SwiGLU: silu(gate) * up
+            x += layer.w_down(act)
             chooser.record(nt, time.perf_counter() - t0)
         numba.set_num_threads(self.threads)
         set_blas_threads(self.threads)
@@ -403,4 +401,4 @@ class Model:
             cache.pos += r1 - r0
         if not all_logits:
             x = x[[r1 - 1 for _, _, r1 in spans]]  # (spans, D)
-        return self.output(self._norm(np.ascontiguousarray(x), self.norm), self._panel)  # (T or spans, V)
+        return self.output(self._norm(np.ascontiguousarray(x), self.norm))  # (T or spans, V)
