@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import LlamacpuError
+from .errors import LlamacpuError, is_rust_panic, reason
 
 EXIT_OK, EXIT_GENERATION, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 
@@ -93,13 +94,36 @@ def _guarded(fn: Callable) -> Callable:
             _fail(str(e), EXIT_USAGE)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPT) from None
-        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError, _Terminated):
             raise
+        except (RecursionError, MemoryError) as e:  # input nested or sized beyond reason
+            _fail(f"the input is too large or nested too deeply ({reason(e)})", EXIT_USAGE)
         except Exception as e:  # a bug or a numerical failure: say what, keep the traceback for LLAMACPU_DEBUG
             if os.environ.get("LLAMACPU_DEBUG"):
                 raise
-            _fail(f"{type(e).__name__}: {e}", EXIT_GENERATION)
+            _fail(f"generation failed: {reason(e)} (LLAMACPU_DEBUG=1 shows where)", EXIT_GENERATION)
+        except BaseException as e:
+            if not is_rust_panic(e):
+                raise
+            _fail(f"the tokenizer failed on this input ({reason(e)})", EXIT_USAGE)
     return wrapper
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that `finally` blocks clean up (convert's part file)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_termination(signum, frame):
+    # Once: a second signal must not cut the clean-up that the first one started.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Terminated(signum)
 
 
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False):
@@ -117,7 +141,12 @@ def _open(model: str | None, *, quant: str | None = None, threads: int | None = 
                 progress.close()
     else:
         path = Path(model)
-    return open_model(path, quant=quant, threads=threads, dequantize=dequantize)
+    try:
+        return open_model(path, quant=quant, threads=threads, dequantize=dequantize)
+    except LlamacpuError:
+        raise
+    except (Exception, MemoryError) as e:  # the tokenizer or template of a bad file, say
+        raise LlamacpuError(f"{path}: cannot open the model ({reason(e)})") from None
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -312,6 +341,8 @@ def _run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
             req = json.loads(line)
         except json.JSONDecodeError as e:
             raise LlamacpuError(f"line {index + 1} is not JSON ({e.msg})") from None
+        except RecursionError:
+            raise LlamacpuError(f"line {index + 1} is nested too deeply") from None
         if not isinstance(req, dict):
             raise LlamacpuError(f"line {index + 1} is not a JSON object")
         if "id" in req:
@@ -328,8 +359,8 @@ def _run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
         return {**head, **completion.to_dict(), "seed": s["seed"]}
     except LlamacpuError as e:
         return {**head, "error": _one_line(str(e))}
-    except (ValueError, TypeError, ArithmeticError) as e:
-        return {**head, "error": f"generation failed: {type(e).__name__}: {_one_line(str(e))}"}
+    except (Exception, MemoryError) as e:  # this line failed; the batch goes on
+        return {**head, "error": f"generation failed: {_one_line(reason(e))}"}
 
 
 def _request_settings(req: dict, defaults: dict) -> dict:
@@ -543,6 +574,8 @@ def convert(
 ) -> None:
     """Write a model as a packed GGUF file in one quantized format."""
     from .convert import convert_model
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_termination)  # a second Ctrl-C must not cut the clean-up
     progress = _convert_progress_callback()
     try:
         report = convert_model(Path(src), Path(out), quant=quant, progress=progress, calibrate=calibrate)
@@ -650,6 +683,13 @@ class _ChunkProgress:
 def main(argv: list[str] | None = None) -> int:
     """The console script: run the app, map usage errors to one line and exit code 2."""
     command = typer.main.get_command(app)
+    # SIGTERM/SIGHUP unwind like Ctrl-C (convert removes its part file), then the process dies of
+    # the signal as it would have. Past RLIMIT_FSIZE a write fails with EFBIG instead of SIGXFSZ
+    # killing us before we can clean up.
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) == signal.SIG_DFL:
+            signal.signal(s, _on_termination)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         rv = command.main(args=argv, prog_name="llamacpu", standalone_mode=False)
     except typer.TyperException as e:  # typer's (vendored click's) usage errors
@@ -663,6 +703,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
         return EXIT_INTERRUPT
+    except _Terminated as e:
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
+        return 128 + e.signum  # not reached
     except BrokenPipeError:
         # The reader of our stdout went away (`| head`): stop quietly, and keep Python from
         # complaining again when it flushes stdout at exit.

@@ -30,9 +30,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     heads, kv_heads, head_dim, vocab_size, context_length, rope_theta, tied_embeddings,
     formats ({kind: {format: tensor count}}), bits_per_weight, file_size, tokenizer, chat_template.
     """
+    from .checkpoint import check_input_path
     path = Path(path)
-    if not path.exists():
-        raise LlamacpuError(f"no such file or folder: {path}")
+    check_input_path(path)
     if path.is_dir():
         config, tensors, size, name, tokenizer, template = _hf(path)
         fmt = "hf"
