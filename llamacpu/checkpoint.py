@@ -113,14 +113,12 @@ def check_input_path(path: Path, *, folder_ok: bool = True) -> None:
         raise LlamacpuError(f"no such file or folder: {path}") from None
     except OSError as e:
         raise LlamacpuError(f"cannot open {path}: {e.strerror or e}") from None
-    if stat.S_ISDIR(st.st_mode):
-        if not folder_ok:
-            raise LlamacpuError(f"{path} is a folder; expected a file")
-        return
-    if not stat.S_ISREG(st.st_mode):
+    if stat.S_ISDIR(st.st_mode) and not folder_ok:
+        raise LlamacpuError(f"{path} is a folder; expected a file")
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
         raise LlamacpuError(f"{path} is not a regular file{' or folder' if folder_ok else ''} "
                             "(a pipe or device cannot be read as a model or text)")
-    if not os.access(path, os.R_OK):
+    if not os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
         raise LlamacpuError(f"cannot read {path}: permission denied")
 
 

@@ -9,6 +9,7 @@ and stats go to stderr. NO_COLOR is honoured (by rich). Bad input is one line,
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import random
@@ -320,6 +321,8 @@ def _start(rt, ids: list[int], s: dict, ctx: int):
     from .generate import Completion, complete
     from .sampling import make_sampler
     sampler = make_sampler(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
+    if s["seed"] < 0:
+        raise LlamacpuError(f"the seed must be >= 0, got {s['seed']}")
     # Size the cache to this request: the prompt plus its answer, within --ctx.
     limit = _context_size(rt, ctx)
     if len(ids) >= limit:
@@ -642,7 +645,9 @@ def perplexity(
     as_json: AsJson = False,
 ) -> None:
     """Perplexity on a text, over non-overlapping chunks of --ctx tokens."""
+    from .checkpoint import check_input_path
     from .perplexity import perplexity as compute
+    check_input_path(textfile, folder_ok=False)  # a FIFO or /dev/zero would block or never end
     try:
         text = textfile.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -690,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(s) == signal.SIG_DFL:
             signal.signal(s, _on_termination)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.encoding.lower().replace("-", "") == "utf8":
+        # A file name that is not UTF-8 (surrogate-escaped by Python) goes out as its own bytes.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         rv = command.main(args=argv, prog_name="llamacpu", standalone_mode=False)
     except typer.TyperException as e:  # typer's (vendored click's) usage errors

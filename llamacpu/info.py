@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import LlamacpuError
+from .errors import LlamacpuError, reason
 
 # llamacpu tensor name (last part) → the kind `info` groups formats by.
 KINDS = {
@@ -33,12 +33,17 @@ def describe(path: str | Path) -> dict[str, Any]:
     from .checkpoint import check_input_path
     path = Path(path)
     check_input_path(path)
-    if path.is_dir():
-        config, tensors, size, name, tokenizer, template = _hf(path)
-        fmt = "hf"
-    else:
-        config, tensors, size, name, tokenizer, template = _gguf(path)
-        fmt = "gguf"
+    try:
+        if path.is_dir():
+            config, tensors, size, name, tokenizer, template = _hf(path)
+            fmt = "hf"
+        else:
+            config, tensors, size, name, tokenizer, template = _gguf(path)
+            fmt = "gguf"
+    except LlamacpuError:
+        raise
+    except (Exception, MemoryError) as e:  # whatever the readers did not foresee is still a bad file
+        raise LlamacpuError(f"{path}: cannot read the model ({reason(e)})") from None
     formats: dict[str, Counter] = {}
     n_params = n_bits = 0
     for ours, (kind_fmt, n_elements, bits) in tensors.items():

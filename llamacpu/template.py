@@ -284,19 +284,28 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LlamacpuError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise LlamacpuError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
+
+
 def _hf_template_source(path: Path) -> str | None:
     if not path.is_dir():
         raise LlamacpuError(f"{path}: not a directory")
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return _read_text(jinja_file)
     config_file = path / "tokenizer_config.json"
     if not config_file.is_file():
         return None
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamacpuError(f"{config_file}: invalid JSON ({e})") from None
+        config = json.loads(_read_text(config_file))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise LlamacpuError(f"{config_file}: invalid JSON ({_one_line(e) or 'nested too deeply'})") from None
     template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -165,10 +165,14 @@ class Tokenizer:
             raise LlamacpuError(f"{path}: not a directory")
         cfg = _HfConfig(path)
         if (path / "tokenizer.json").is_file():
-            text = (path / "tokenizer.json").read_text(encoding="utf-8")
+            text = _read_text(path / "tokenizer.json")
             return cls._from_tokenizer_json(text, gguf=None, hf_config=cfg)
         if (path / "tokenizer.model").is_file():
-            return cls._from_sentencepiece((path / "tokenizer.model").read_bytes(), gguf=None, hf_config=cfg)
+            try:
+                data = (path / "tokenizer.model").read_bytes()
+            except OSError as e:
+                raise LlamacpuError(f"cannot read {path / 'tokenizer.model'}: {e.strerror or e}") from None
+            return cls._from_sentencepiece(data, gguf=None, hf_config=cfg)
         raise LlamacpuError(f"{path}: no tokenizer.json or tokenizer.model")
 
     @classmethod
@@ -789,13 +793,22 @@ class _HfConfig:
         return ids
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LlamacpuError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise LlamacpuError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamacpuError(f"{path}: invalid JSON ({e})") from None
+        value = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise LlamacpuError(f"{path}: invalid JSON ({(str(e).splitlines() or ['nested too deeply'])[0]})") from None
     return value if isinstance(value, dict) else {}
 
 
