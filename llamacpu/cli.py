@@ -695,9 +695,11 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(s) == signal.SIG_DFL:
             signal.signal(s, _on_termination)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.encoding.lower().replace("-", "") == "utf8":
-        # A file name that is not UTF-8 (surrogate-escaped by Python) goes out as its own bytes.
-        sys.stdout.reconfigure(errors="surrogateescape")
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.lower().replace("-", "") == "utf8":
+            # Bytes that are not UTF-8 pass through as surrogates: on stdout a file name goes out as its
+            # own bytes; on stdin the tokenizer refuses them with a line (a --jsonl batch goes on).
+            stream.reconfigure(errors="surrogateescape")
     try:
         rv = command.main(args=argv, prog_name="llamacpu", standalone_mode=False)
     except typer.TyperException as e:  # typer's (vendored click's) usage errors
