@@ -504,3 +504,17 @@ def test_convert_past_the_file_size_limit_fails_cleanly(tiny_gguf, tmp_path, pre
     assert sorted(p.name for p in out_dir.iterdir()) == (["out.gguf"] if pre else [])
     if pre:
         assert out.read_bytes() == b"previous conversion"
+
+
+def test_invalid_utf8_on_stdin_is_refused_in_one_line(smollm_tiny):
+    # Regression: `TypeError: TextInputSequence must be str` with exit 1.
+    err = one_error_line(cli("run", smollm_tiny, "--max-tokens", "1", stdin=b"hi \xff\xfe there\n"))
+    assert "not valid UTF-8" in err
+
+
+def test_chat_load_refuses_a_fifo(tmp_path):
+    from llamacpu.chat import ChatSession
+    fifo = tmp_path / "t.json"
+    os.mkfifo(fifo)
+    with pytest.raises(LlamacpuError, match="not a regular file"):
+        ChatSession.load(object.__new__(ChatSession), fifo)  # the check comes before any session state
