@@ -337,7 +337,9 @@ def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
         if template is not None:
             meta["tokenizer.chat_template"] = (template.source, T.STRING, None)
         name = ckpt.hf_dir.name
-    meta["general.name"] = (str(name), T.STRING, None)
+    # A file name that is not UTF-8 carries surrogates; GGUF strings are UTF-8, so show those bytes as U+FFFD.
+    name = os.fsencode(str(name)).decode("utf-8", "replace") if isinstance(name, str) else str(name)
+    meta["general.name"] = (name, T.STRING, None)
     meta["general.file_type"] = (int(file_type), T.UINT32, None)
     meta["general.quantization_version"] = (QUANT_VERSION, T.UINT32, None)
     for key, value in ckpt.config.gguf_metadata().items():

@@ -409,6 +409,10 @@ def test_non_utf8_model_path_works(tiny_gguf, tmp_path):
     r = cli("info", weird, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.decode("utf-8", "surrogateescape"))["layers"] == 2
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out-\xfe.gguf"))
+    r = cli("convert", weird, "-o", out, "--quant", "q8_0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out).meta["general.name"] == "model-\ufffd\ufffd"
 
 
 @pytest.fixture(scope="module")
