@@ -107,6 +107,14 @@ def _hf(folder: Path):
             ours = to_llamacpu_name(key) or key
             tensors[ours] = (info["dtype"].lower(), n, HF_DTYPE_BITS.get(info["dtype"], 0) * n)
 
+    # A tokenizer or template that is broken shows as null/false; one that cannot be read is an error.
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        try:
+            if (folder / name).is_file():
+                open(folder / name, "rb").close()
+        except OSError as e:
+            raise LlamacpuError(f"cannot read {folder / name}: {e.strerror or e}") from None
+
     def tokenizer():
         from .tokenizer import Tokenizer
         return Tokenizer.from_hf_dir(folder)
