@@ -522,3 +522,25 @@ def test_chat_load_refuses_a_fifo(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(LlamacpuError, match="not a regular file"):
         ChatSession.load(object.__new__(ChatSession), fifo)  # the check comes before any session state
+
+
+def test_unreadable_hf_files_are_errors(tmp_path):
+    # Regression: a mode-000 tokenizer.json made `info` report "no tokenizer" with exit 0, and a
+    # mode-000 shard gave `PermissionError` with exit 1. Root reads anything, so drop that power.
+    import shutil
+    c = tiny_config()
+    folder = write_hf(tmp_path / "hf", c, random_tensors(c))
+    (folder / "tokenizer.json").write_text(tokenizer_json())
+    (folder / "tokenizer.json").chmod(0)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    assert not prefix or shutil.which("setpriv"), "setpriv (util-linux) is needed to test permissions as root"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def llamacpu(*args):
+        return subprocess.run([*prefix, sys.executable, "-m", "llamacpu.cli", *map(str, args)],
+                              capture_output=True, env=env, timeout=120)
+
+    assert "tokenizer.json: Permission denied" in one_error_line(llamacpu("info", folder))
+    (folder / "tokenizer.json").chmod(0o644)
+    (folder / "model.safetensors").chmod(0)
+    assert "Permission denied" in one_error_line(llamacpu("info", folder))
