@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+import resource
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,7 @@ class ChatTemplate:
 # lines and produce little more text than the messages hold; these bounds are far above that.
 MAX_TEMPLATE_LINES = 2_000_000  # template lines executed (bounds nested loops: ~1 s of work)
 MAX_TEMPLATE_CHARS = 1 << 20  # characters of output or of any built string, beyond the input's own size
+MAX_TEMPLATE_MEMORY = 512 << 20  # growth of the process's peak memory while rendering, bytes
 
 
 class _TooBig(Exception):
@@ -122,22 +125,23 @@ class _Budget:
     """Counts the template's own lines as they run (a trace function on the compiled template's
     frames only) and stops the rendering when it runs too long; `check` bounds built values."""
 
-    _active: "_Budget | None" = None
+    _local = threading.local()  # the budget of the rendering running in this thread, if any
 
     def __init__(self, input_chars: int):
         self.max_chars = MAX_TEMPLATE_CHARS + 4 * input_chars
         self.lines = 0
+        self.peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def __enter__(self):
         self._previous = sys.gettrace()
-        self._outer = _Budget._active
-        _Budget._active = self
+        self._outer = _Budget.active()
+        _Budget._local.active = self
         sys.settrace(self._call)
         return self
 
     def __exit__(self, *exc):
         sys.settrace(self._previous)
-        _Budget._active = self._outer
+        _Budget._local.active = self._outer
         return False
 
     def _call(self, frame, event, arg):
@@ -149,11 +153,20 @@ class _Budget:
             self.lines += 1
             if self.lines > MAX_TEMPLATE_LINES:
                 raise _TooBig(f"it runs more than {MAX_TEMPLATE_LINES} template steps")
+            # Many values each under the size limit can still add up: watch the process's peak memory.
+            if self.lines % 64 == 0:
+                grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.peak_kb  # KiB on Linux
+                if grown > MAX_TEMPLATE_MEMORY >> 10:
+                    raise _TooBig(f"it holds more than {MAX_TEMPLATE_MEMORY >> 20} MB")
         return self._line
 
     @staticmethod
+    def active() -> "_Budget | None":
+        return getattr(_Budget._local, "active", None)
+
+    @staticmethod
     def limit() -> int:
-        budget = _Budget._active
+        budget = _Budget.active()
         return budget.max_chars if budget is not None else MAX_TEMPLATE_CHARS
 
     @staticmethod
@@ -218,7 +231,7 @@ class _Environment(ImmutableSandboxedEnvironment):
         return wrapped
 
     def call_binop(self, context, operator, left, right):
-        if _Budget._active is None:  # compile-time constant folding: leave it to the (bounded) render
+        if _Budget.active() is None:  # compile-time constant folding: leave it to the (bounded) render
             raise jinja2.nodes.Impossible()
         if operator == "%" and isinstance(left, str) and _WIDTH.search(left):
             raise _TooBig("it formats with a width of millions")

@@ -343,6 +343,8 @@ HOSTILE_TEMPLATES = {
     "huge-output": "{% for i in range(100000) %}{% for j in range(100) %}{{ messages[0].content * 500 }}"
                    "{% endfor %}{% endfor %}",
     "power": "{{ 9 ** 99999999 }}",
+    "many-large-values": "{% set ns = namespace(s='x' * 1000000, l=[]) %}{% for i in range(100000) %}"
+                         "{% set ns.l = ns.l + [ns.s ~ i] %}{% endfor %}{{ ns.l|length }}",
     "sandbox-escape": "{{ ''.__class__.__mro__ }}",
 }
 
