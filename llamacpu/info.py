@@ -107,13 +107,21 @@ def _hf(folder: Path):
             ours = to_llamacpu_name(key) or key
             tensors[ours] = (info["dtype"].lower(), n, HF_DTYPE_BITS.get(info["dtype"], 0) * n)
 
-    # A tokenizer or template that is broken shows as null/false; one that cannot be read is an error.
+    # A tokenizer or template that is broken shows as null/false; a file that cannot be read, or a
+    # text file that is not UTF-8, is an error.
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        path = folder / name
         try:
-            if (folder / name).is_file():
-                open(folder / name, "rb").close()
+            if not path.is_file():
+                continue
+            if name == "tokenizer.model":
+                open(path, "rb").close()
+            else:
+                path.read_text(encoding="utf-8")
         except OSError as e:
-            raise LlamacpuError(f"cannot read {folder / name}: {e.strerror or e}") from None
+            raise LlamacpuError(f"cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise LlamacpuError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
 
     def tokenizer():
         from .tokenizer import Tokenizer
