@@ -546,3 +546,6 @@ def test_unreadable_hf_files_are_errors(tmp_path):
     (folder / "tokenizer.json").chmod(0o644)
     (folder / "model.safetensors").chmod(0)
     assert "Permission denied" in one_error_line(llamacpu("info", folder))
+    (folder / "model.safetensors").chmod(0o644)
+    (folder / "tokenizer.json").write_bytes(b'{"version": "\xff"}')
+    assert "tokenizer.json: not valid UTF-8" in one_error_line(llamacpu("info", folder))
