@@ -134,8 +134,11 @@ def _hf(folder: Path):
 def _text_side(make_tokenizer, *, meta=None, hf_dir=None) -> tuple[dict | None, bool]:
     """(tokenizer summary or None if there is no usable tokenizer, whether a chat template is present)."""
     from .template import ChatTemplate
+    from .tokenizer import CorruptTokenizerError
     try:
         tok = make_tokenizer()
+    except CorruptTokenizerError:
+        raise  # corrupt data, not merely a tokenizer llamacpu does not support
     except LlamacpuError:
         tok = None
     summary = None if tok is None else {

@@ -502,6 +502,8 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
             steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
             hf.pre_tokenizer = pre_tokenizers.Sequence(steps)
             hf.encode(_PROBE, add_special_tokens=False)
+    except LlamacpuError:
+        raise
     except Exception as e:  # a merge naming a token that is not in the vocabulary
         raise LlamacpuError(f"invalid BPE vocabulary ({str(e).splitlines()[0] if str(e) else e})") from None
     return hf
@@ -607,6 +609,11 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 _PROBE = "Hello, world! It's 2024: 3.14159 × 42 = ?  héllo Ünïcödé 日本語 😀\n\tab  ab\r\n"
 
 
+class CorruptTokenizerError(LlamacpuError):
+    """Tokenizer data that breaks the tokenizers library itself (a Rust panic): the file is corrupt,
+    as opposed to a tokenizer llamacpu does not support."""
+
+
 @contextlib.contextmanager
 def _rust_guard(what: str):
     """Around a call into `tokenizers`: a Rust panic surfaces as pyo3's PanicException, a
@@ -623,7 +630,7 @@ def _rust_guard(what: str):
         if type(e).__name__ != "PanicException":
             raise
         reason = (str(e).splitlines() or [""])[0] or "internal error"
-        raise LlamacpuError(f"{what}: the tokenizers library failed on it ({reason})") from None
+        raise CorruptTokenizerError(f"{what}: the tokenizers library failed on it ({reason})") from None
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -165,11 +165,33 @@ def test_gguf_huge_block_count_is_refused_without_building_the_table(tmp_path):
         load_checkpoint(bad)
 
 
-def test_gguf_merge_longer_than_any_token_is_refused():
-    # Regression: a merge of the longest token with itself panicked inside tokenizers (Rust).
-    tokens = ["a", "b", "ab", "<|endoftext|>"] + [chr(0x100 + i) for i in range(10)]
-    with pytest.raises(LlamacpuError, match="BPE"):
-        _byte_level_bpe(tokens, ["<|endoftext|> <|endoftext|>", "a b"], "gpt2")
+def test_gguf_merge_longer_than_any_token_is_refused(tmp_path):
+    # Regression: a merge of the longest token with itself panicked inside tokenizers (Rust),
+    # a traceback from `run`, and `info` said nothing.
+    import gguf
+    from llamacpu.info import describe
+    from llamacpu.loaders.gguf import to_gguf_name
+    from llamacpu.tokenizer import CorruptTokenizerError
+    tokens = ["a", "b", "ab", "<|endoftext|>"] + [chr(0x100 + i) for i in range(124)]
+    merges = ["<|endoftext|> <|endoftext|>", "a b"]
+    with pytest.raises(CorruptTokenizerError, match="BPE"):
+        _byte_level_bpe(tokens, merges, "gpt2")
+    c = tiny_config()
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in c.gguf_metadata().items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    for name, t in random_tensors(c).items():
+        w.add_tensor(to_gguf_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CorruptTokenizerError):
+        describe(path)
 
 
 # ---- safetensors and HF folders ----------------------------------------------------------
