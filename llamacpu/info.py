@@ -133,7 +133,7 @@ def _hf(folder: Path):
 
 def _text_side(make_tokenizer, *, meta=None, hf_dir=None) -> tuple[dict | None, bool]:
     """(tokenizer summary or None if there is no usable tokenizer, whether a chat template is present)."""
-    from .template import ChatTemplate
+    from .template import ChatTemplate, HostileTemplateError
     from .tokenizer import CorruptTokenizerError
     try:
         tok = make_tokenizer()
@@ -150,6 +150,8 @@ def _text_side(make_tokenizer, *, meta=None, hf_dir=None) -> tuple[dict | None, 
             template = ChatTemplate.from_gguf_metadata(meta, tok or _NoTokens)
         else:
             template = ChatTemplate.from_hf_dir(hf_dir, tok or _NoTokens)
+    except HostileTemplateError:
+        raise  # built to exhaust the reader: that is a bad file, not a missing template
     except LlamacpuError:
         template = None  # present but unusable counts as absent: chat would refuse it
     return summary, template is not None

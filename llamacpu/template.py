@@ -29,6 +29,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .errors import LlamacpuError, reason
 
 
+class HostileTemplateError(LlamacpuError):
+    """A template refused for what it would cost (depth, time, memory), not for a mistake in it."""
+
+
 class ChatTemplate:
     """A compiled chat template. `source` is the Jinja text (for writing into a GGUF)."""
 
@@ -40,7 +44,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise LlamacpuError(f"malformed chat template (line {e.lineno}: {_one_line(e.message)})") from None
         except (RecursionError, MemoryError):  # e.g. 20000 nested parentheses
-            raise LlamacpuError("malformed chat template (nested too deeply to compile)") from None
+            raise HostileTemplateError("chat template refused: nested too deeply to compile") from None
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], tokenizer) -> "ChatTemplate | None":
@@ -81,13 +85,13 @@ class ChatTemplate:
                     out.append(chunk)
                 return "".join(out)
         except _TooBig as e:
-            raise LlamacpuError(f"chat template refused: {e}") from None
+            raise HostileTemplateError(f"chat template refused: {e}") from None
         except jinja2.TemplateError as e:  # raise_exception(...), sandbox violations, bad filters
             raise LlamacpuError(f"chat template error: {_one_line(e.message) or 'invalid template'}") from None
         except RecursionError:
-            raise LlamacpuError("chat template refused: it recurses too deeply") from None
+            raise HostileTemplateError("chat template refused: it recurses too deeply") from None
         except MemoryError:
-            raise LlamacpuError("chat template refused: it needs too much memory") from None
+            raise HostileTemplateError("chat template refused: it needs too much memory") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
             # a template tripping on data
             raise LlamacpuError(f"chat template error: {reason(e)}") from None

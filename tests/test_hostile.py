@@ -165,31 +165,48 @@ def test_gguf_huge_block_count_is_refused_without_building_the_table(tmp_path):
         load_checkpoint(bad)
 
 
-def test_gguf_merge_longer_than_any_token_is_refused(tmp_path):
-    # Regression: a merge of the longest token with itself panicked inside tokenizers (Rust),
-    # a traceback from `run`, and `info` said nothing.
+def gguf_with_text_side(path: Path, tokens: list[str], merges: list[str], template: str | None = None) -> Path:
+    """The tiny random model with the given byte-level vocabulary, merges and chat template."""
     import gguf
-    from llamacpu.info import describe
     from llamacpu.loaders.gguf import to_gguf_name
-    from llamacpu.tokenizer import CorruptTokenizerError
-    tokens = ["a", "b", "ab", "<|endoftext|>"] + [chr(0x100 + i) for i in range(124)]
-    merges = ["<|endoftext|> <|endoftext|>", "a b"]
-    with pytest.raises(CorruptTokenizerError, match="BPE"):
-        _byte_level_bpe(tokens, merges, "gpt2")
     c = tiny_config()
-    path = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in c.gguf_metadata().items():
         (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_merges(merges)
+    if template is not None:
+        w.add_chat_template(template)
     for name, t in random_tensors(c).items():
         w.add_tensor(to_gguf_name(name), t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_info_refuses_a_template_built_to_exhaust_the_compiler(tmp_path):
+    # Regression: 20000 nested parentheses were reported as "no chat template" with exit 0.
+    from llamacpu.info import describe
+    from llamacpu.template import HostileTemplateError
+    tokens = ["a", "b", "ab"] + [chr(0x100 + i) for i in range(125)]
+    path = gguf_with_text_side(tmp_path / "t.gguf", tokens, ["a b"], HOSTILE_TEMPLATES["deep-parens"])
+    with pytest.raises(HostileTemplateError, match="nested too deeply"):
+        describe(path)
+
+
+def test_gguf_merge_longer_than_any_token_is_refused(tmp_path):
+    # Regression: a merge of the longest token with itself panicked inside tokenizers (Rust),
+    # a traceback from `run`, and `info` said nothing.
+    from llamacpu.info import describe
+    from llamacpu.tokenizer import CorruptTokenizerError
+    tokens = ["a", "b", "ab", "<|endoftext|>"] + [chr(0x100 + i) for i in range(124)]
+    merges = ["<|endoftext|> <|endoftext|>", "a b"]
+    with pytest.raises(CorruptTokenizerError, match="BPE"):
+        _byte_level_bpe(tokens, merges, "gpt2")
+    path = gguf_with_text_side(tmp_path / "m.gguf", tokens, merges)
     with pytest.raises(CorruptTokenizerError):
         describe(path)
 
@@ -374,7 +391,9 @@ HOSTILE_TEMPLATES = {
 @pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
 def test_hostile_chat_templates_are_refused_in_one_line(name):
     # Regressions: hangs (nested loops), 3.2 GB strings, RecursionError as a traceback.
-    with pytest.raises(LlamacpuError) as e:
+    from llamacpu.template import HostileTemplateError
+    expected = LlamacpuError if name == "sandbox-escape" else HostileTemplateError
+    with pytest.raises(expected) as e:
         ChatTemplate(HOSTILE_TEMPLATES[name], bos_token="<s>", eos_token="</s>").render(MESSAGES)
     assert "\n" not in str(e.value)
 
