@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -614,26 +615,30 @@ class CorruptTokenizerError(LlamacpuError):
     as opposed to a tokenizer llamacpu does not support."""
 
 
+_STDERR_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _rust_guard(what: str):
     """Around a call into `tokenizers`: a Rust panic surfaces as pyo3's PanicException, a
     BaseException that `except Exception` misses, after Rust's panic hook has written a
     backtrace to fd 2. Keep fd 2 quiet for the call and turn the panic into LlamacpuError."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    try:
-        yield
-    except BaseException as e:
-        if type(e).__name__ != "PanicException":
-            raise
-        reason = (str(e).splitlines() or [""])[0] or "internal error"
-        raise CorruptTokenizerError(f"{what}: the tokenizers library failed on it ({reason})") from None
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with _STDERR_LOCK:  # one redirection at a time: threads must not save each other's /dev/null
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        try:
+            yield
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            reason = (str(e).splitlines() or [""])[0] or "internal error"
+            raise CorruptTokenizerError(f"{what}: the tokenizers library failed on it ({reason})") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # ---- tokenizer.json -----------------------------------------------------------------------

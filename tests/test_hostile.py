@@ -590,3 +590,14 @@ def test_unreadable_hf_files_are_errors(tmp_path):
     (folder / "model.safetensors").chmod(0o644)
     (folder / "tokenizer.json").write_bytes(b'{"version": "\xff"}')
     assert "tokenizer.json: not valid UTF-8" in one_error_line(llamacpu("info", folder))
+
+
+def test_tokenizer_guard_keeps_stderr_under_threads(capfd):
+    # The panic guard silences fd 2 around each call into tokenizers; concurrent encodes (a server)
+    # must not leave fd 2 pointing at /dev/null.
+    from concurrent.futures import ThreadPoolExecutor
+    tok = from_json(tokenizer_json())
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda i: tok.encode("ab" * (i % 7 + 1)) is not None, range(400)))
+    os.write(2, b"still here\n")
+    assert "still here" in capfd.readouterr().err
