@@ -221,7 +221,7 @@ def _tensor(f: GGUFFile, t: TensorInfo, name: str, notices: list[str], dequantiz
         w = raw.view(np.float16).reshape(shape)
     else:
         try:
-            # Hostile scales can overflow f16 → inf; the result is checked below, so no warnings.
+            # Hostile scales overflow to inf: keep numpy quiet here; quantize() refuses non-finite weights.
             with np.errstate(all="ignore"):
                 w = gguf.quants.dequantize(np.asarray(raw).reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
         except NotImplementedError:  # e.g. Q8_1, I8, I32, F64: not weight formats of a llama model
