@@ -16,6 +16,7 @@ cached positions that match its ids (the longest common prefix) and prefills onl
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -145,21 +146,32 @@ class ChatSession:
 
     def save(self, path: str | Path) -> None:
         """Write the transcript as JSON: {"messages": [{"role", "content"}, ...]}."""
+        path = Path(path)
+        # Written beside PATH and renamed over it: a failed write leaves any old transcript whole.
+        tmp = path.parent / f".{path.name}.{os.getpid()}.part"
         try:
-            Path(path).write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n",
-                                  encoding="utf-8")
-        except OSError as e:
-            raise LlamacpuError(f"cannot write {path}: {e.strerror}") from None
+            tmp.write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n",
+                           encoding="utf-8")
+            os.replace(tmp, path)
+        except (OSError, UnicodeEncodeError) as e:
+            tmp.unlink(missing_ok=True)
+            raise LlamacpuError(f"cannot write {path}: {getattr(e, 'strerror', None) or 'not valid UTF-8'}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def load(self, path: str | Path) -> None:
         """Replace the transcript with one written by `save`; the cache is rebuilt on the next turn
         (only as far as it differs)."""
+        from .checkpoint import check_input_path
+        if Path(path).exists():
+            check_input_path(Path(path), folder_ok=False)  # a FIFO would block the session
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise LlamacpuError(f"cannot read {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LlamacpuError(f"{path}: not a JSON transcript ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise LlamacpuError(f"{path}: not a JSON transcript ({str(e) or 'nested too deeply'})") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")

@@ -12,12 +12,14 @@ exactly what llama.cpp's converter does. The GGUF writer therefore writes rows u
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import LlamacpuError
+from .errors import LlamacpuError, reason
 from .quant import QTensor
 
 # Per-layer tensors, with shapes as functions of the config: y = W @ x has len(y) = rows.
@@ -52,6 +54,14 @@ def expected_shapes(c: ModelConfig, *, with_rope_freqs: bool = False) -> dict[st
 
 def check_tensors(c: ModelConfig, tensors: dict[str, Any], shape_of, source: str) -> None:
     """Fail, naming the tensor, on any missing, unexpected or wrongly shaped tensor."""
+    # A config may claim 10^9 layers over a file holding 2: compare the count with what the
+    # file holds before building a table whose size the config alone would set.
+    if c.num_hidden_layers > len(tensors) // len(LAYER_TENSORS):
+        present = next(i for i in range(len(tensors) + 1)
+                       if any(f"layers.{i}.{n}" not in tensors for n in LAYER_TENSORS))
+        name = next(n for n in LAYER_TENSORS if f"layers.{present}.{n}" not in tensors)
+        raise LlamacpuError(f"{source}: missing tensor layers.{present}.{name} (the config says "
+                            f"{c.num_hidden_layers} layers; the file holds tensors for at most {present})")
     expected = expected_shapes(c, with_rope_freqs="rope_freqs" in tensors)
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -114,13 +124,35 @@ class Checkpoint:
         return ChatTemplate.from_gguf_metadata(self.meta, tokenizer)
 
 
+def check_input_path(path: Path, *, folder_ok: bool = True) -> None:
+    """Refuse, in one line, a path that is missing, unreadable, or neither a regular file nor a
+    folder: opening a FIFO blocks forever, and /dev/zero never ends."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise LlamacpuError(f"no such file or folder: {path}") from None
+    except OSError as e:
+        raise LlamacpuError(f"cannot open {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode) and not folder_ok:
+        raise LlamacpuError(f"{path} is a folder; expected a file")
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+        raise LlamacpuError(f"{path} is not a regular file{' or folder' if folder_ok else ''} "
+                            "(a pipe or device cannot be read as a model or text)")
+    if not os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
+        raise LlamacpuError(f"cannot read {path}: permission denied")
+
+
 def load_checkpoint(path: str | Path, *, dequantize: bool = False) -> Checkpoint:
     """Open a GGUF file or a Hugging Face folder. `dequantize`: all weights as f32."""
     path = Path(path)
-    if not path.exists():
-        raise LlamacpuError(f"no such file or folder: {path}")
-    if path.is_dir():
-        from .loaders.hf import load_hf
-        return load_hf(path)  # HF weights are float: always f32
-    from .loaders.gguf import load_gguf
-    return load_gguf(path, dequantize=dequantize)
+    check_input_path(path)
+    try:
+        if path.is_dir():
+            from .loaders.hf import load_hf
+            return load_hf(path)  # HF weights are float: always f32
+        from .loaders.gguf import load_gguf
+        return load_gguf(path, dequantize=dequantize)
+    except LlamacpuError:
+        raise
+    except (Exception, MemoryError) as e:  # whatever the loaders did not foresee is still a bad file
+        raise LlamacpuError(f"{path}: cannot read the model ({reason(e)})") from None

@@ -15,24 +15,43 @@ Exit codes, one rule for every command (README "Exit codes"):
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
-import shutil
+import signal
 import sys
-import time
-from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+import threading
 
-import typer
-from rich.console import Console
-from rich.table import Table
 
-from .errors import LlamacpuError
-from .jobs import REQUEST_KEYS, context_size, resolve_seed, run_request, start_request
-from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS
-from .sampling import DEFAULTS as SAMPLING_DEFAULTS
+def _exit_quietly(signum, frame):
+    raise SystemExit(130)
+
+
+# Ctrl-C while the imports below load (about 0.3 s) ends the command with 130 and no traceback.
+_QUIET_IMPORT = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+if _QUIET_IMPORT:
+    signal.signal(signal.SIGINT, _exit_quietly)
+
+import functools  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any, Callable, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+
+from .errors import LlamacpuError, is_rust_panic, reason  # noqa: E402
+from .jobs import REQUEST_KEYS, context_size, resolve_seed, run_request, start_request  # noqa: E402
+from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS  # noqa: E402
+from .sampling import DEFAULTS as SAMPLING_DEFAULTS  # noqa: E402
+
+if _QUIET_IMPORT:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # 1 is "some requests failed (each reported)" as well as "generation failed": see the docstring.
 EXIT_OK, EXIT_GENERATION, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
@@ -179,12 +198,18 @@ def _guarded(fn: Callable) -> Callable:
         except BrokenPipeError:  # the reader of our stdout went away (`| head`): not a failure
             _reader_gone()
             raise typer.Exit(EXIT_OK) from None
-        except (typer.Exit, typer.Abort, typer.TyperException):
+        except (typer.Exit, typer.Abort, typer.TyperException, _Terminated):
             raise
+        except (RecursionError, MemoryError) as e:  # input nested or sized beyond reason
+            _fail(f"the input is too large or nested too deeply ({reason(e)})", EXIT_USAGE)
         except Exception as e:  # a bug or a numerical failure: say what, keep the traceback for LLAMACPU_DEBUG
             if os.environ.get("LLAMACPU_DEBUG"):
                 raise
-            _fail(f"{type(e).__name__}: {e}", EXIT_GENERATION)
+            _fail(f"generation failed: {reason(e)} (LLAMACPU_DEBUG=1 shows where)", EXIT_GENERATION)
+        except BaseException as e:
+            if not is_rust_panic(e):
+                raise
+            _fail(f"the tokenizer failed on this input ({reason(e)})", EXIT_USAGE)
     return wrapper
 
 
@@ -211,7 +236,32 @@ def _open(model: str | None, *, quant: str | None = None, threads: int | None = 
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
     if act_bits not in (8, 16):
         raise LlamacpuError(f"--act-bits must be 8 or 16, got {act_bits}")
-    return open_model(_resolve(model), quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
+    path = _resolve(model)
+    try:
+        return open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
+    except LlamacpuError:
+        raise
+    except (Exception, MemoryError) as e:  # the tokenizer or template of a bad file, say
+        raise LlamacpuError(f"{path}: cannot open the model ({reason(e)})") from None
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that `finally` blocks clean up (convert's part file)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_termination(signum, frame):
+    # Once: a second signal must not cut the clean-up that the first one started.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Terminated(signum)
+
+
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -783,6 +833,8 @@ def convert(
 ) -> None:
     """Write a model as a packed GGUF file in one quantized format."""
     from .convert import convert_model
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_termination)  # a second Ctrl-C must not cut the clean-up
     progress = _convert_progress_callback()
     try:
         report = convert_model(_resolve(src), Path(out), quant=quant, progress=progress, calibrate=calibrate)
@@ -852,7 +904,9 @@ def perplexity(
     as_json: AsJson = False,
 ) -> None:
     """Perplexity on a text, over non-overlapping chunks of --ctx tokens."""
+    from .checkpoint import check_input_path
     from .perplexity import perplexity as compute
+    check_input_path(textfile, folder_ok=False)  # a FIFO or /dev/zero would block or never end
     try:
         text = textfile.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -1104,6 +1158,18 @@ def serve(
 def main(argv: list[str] | None = None) -> int:
     """The console script: run the app, map usage errors to one line and exit code 2."""
     command = typer.main.get_command(app)
+    # SIGTERM/SIGHUP unwind like Ctrl-C (convert removes its part file), then the process dies of
+    # the signal as it would have. Past RLIMIT_FSIZE a write fails with EFBIG instead of SIGXFSZ
+    # killing us before we can clean up.
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) == signal.SIG_DFL:
+            signal.signal(s, _on_termination)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.lower().replace("-", "") == "utf8":
+            # Bytes that are not UTF-8 pass through as surrogates: on stdout a file name goes out as its
+            # own bytes; on stdin the tokenizer refuses them with a line (a --jsonl batch goes on).
+            stream.reconfigure(errors="surrogateescape")
     try:
         rv = command.main(args=argv, prog_name="llamacpu", standalone_mode=False)
     except typer.TyperException as e:  # typer's (vendored click's) usage errors
@@ -1117,6 +1183,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
         return EXIT_INTERRUPT
+    except _Terminated as e:
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
+        return 128 + e.signum  # not reached
     except BrokenPipeError:
         _reader_gone()  # the reader of our stdout went away (`| head`): stop quietly
         return EXIT_OK

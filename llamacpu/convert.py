@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,6 +61,22 @@ class ConvertReport:
     seconds: float = 0.0
     formats: dict[str, int] = field(default_factory=dict)  # tensor count per stored format
     importance: str | None = None  # 4-bit column importance: "self-calibrated", "weights-only", None
+
+
+def _discard(writer, tmp: Path) -> None:
+    """Remove the temporary file, whatever state the writer is in. Signals that would cut this
+    short are held until it is done, so a second Ctrl-C cannot leave the part file behind."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:  # flushing into a full disk fails again; the file is closed anyway
+                pass
+        tmp.unlink(missing_ok=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
@@ -95,8 +112,9 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
     # A unique hidden name beside OUT (same filesystem, so the final rename is atomic); the
     # writer creates it with the usual permissions, which mkstemp's 0600 would not give.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-    writer = gguf.GGUFWriter(tmp, arch="llama")
+    writer = None
     try:
+        writer = gguf.GGUFWriter(tmp, arch="llama")
         for key, (value, vtype, sub_type) in meta.items():
             writer.add_key_value(key, value, vtype, sub_type)
         for p in plan:
@@ -118,13 +136,10 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
         os.fsync(writer.fout[0].fileno())
         writer.close()
         os.replace(tmp, out)
-    except OSError as e:  # e.g. ENOSPC: a full disk
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise LlamacpuError(f"could not write {out}: {e.strerror or e}") from None
-    except BaseException:  # Ctrl-C, or any failure: leave no partial file behind
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # a full disk, Ctrl-C, SIGTERM (as an exception), any failure
+        _discard(writer, tmp)
+        if isinstance(e, OSError):  # e.g. ENOSPC, or EFBIG past RLIMIT_FSIZE
+            raise LlamacpuError(f"could not write {out}: {e.strerror or e}") from None
         raise
     formats: dict[str, int] = {}
     for p in plan:
@@ -320,7 +335,9 @@ def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
         if template is not None:
             meta["tokenizer.chat_template"] = (template.source, T.STRING, None)
         name = ckpt.hf_dir.name
-    meta["general.name"] = (str(name), T.STRING, None)
+    # A file name that is not UTF-8 carries surrogates; GGUF strings are UTF-8, so show those bytes as U+FFFD.
+    name = os.fsencode(str(name)).decode("utf-8", "replace") if isinstance(name, str) else str(name)
+    meta["general.name"] = (name, T.STRING, None)
     meta["general.file_type"] = (int(file_type), T.UINT32, None)
     meta["general.quantization_version"] = (QUANT_VERSION, T.UINT32, None)
     for key, value in ckpt.config.gguf_metadata().items():

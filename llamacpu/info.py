@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import LlamacpuError
+from .errors import LlamacpuError, reason
 
 # llamacpu tensor name (last part) → the kind `info` groups formats by.
 KINDS = {
@@ -39,17 +39,22 @@ def describe(path: str | Path) -> dict[str, Any]:
     formats ({kind: {format: tensor count}}), bits_per_weight, file_size, tokenizer, chat_template,
     sampling (the file's recommended settings, {} if none).
     """
+    from .checkpoint import check_input_path
     path = Path(path)
-    if not path.exists():
-        raise LlamacpuError(f"no such file or folder: {path}")
-    if path.is_dir():
-        from .loaders.hf import read_generation_config
-        config, tensors, size, name, tokenizer, template = _hf(path)
-        fmt, sampling = "hf", read_generation_config(path)
-    else:
-        from .loaders.gguf import read_metadata, sampling_from_gguf
-        config, tensors, size, name, tokenizer, template = _gguf(path)
-        fmt, sampling = "gguf", sampling_from_gguf(read_metadata(path), path.name)
+    check_input_path(path)
+    try:
+        if path.is_dir():
+            from .loaders.hf import read_generation_config
+            config, tensors, size, name, tokenizer, template = _hf(path)
+            fmt, sampling = "hf", read_generation_config(path)
+        else:
+            from .loaders.gguf import read_metadata, sampling_from_gguf
+            config, tensors, size, name, tokenizer, template = _gguf(path)
+            fmt, sampling = "gguf", sampling_from_gguf(read_metadata(path), path.name)
+    except LlamacpuError:
+        raise
+    except (Exception, MemoryError) as e:  # whatever the readers did not foresee is still a bad file
+        raise LlamacpuError(f"{path}: cannot read the model ({reason(e)})") from None
     formats: dict[str, Counter] = {}
     n_params = n_bits = 0
     for ours, (kind_fmt, n_elements, bits) in tensors.items():
@@ -116,6 +121,22 @@ def _hf(folder: Path):
             ours = to_llamacpu_name(key) or key
             tensors[ours] = (info["dtype"].lower(), n, HF_DTYPE_BITS.get(info["dtype"], 0) * n)
 
+    # A tokenizer or template that is broken shows as null/false; a file that cannot be read, or a
+    # text file that is not UTF-8, is an error.
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        path = folder / name
+        try:
+            if not path.is_file():
+                continue
+            if name == "tokenizer.model":
+                open(path, "rb").close()
+            else:
+                path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise LlamacpuError(f"cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise LlamacpuError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
+
     def tokenizer():
         from .tokenizer import Tokenizer
         return Tokenizer.from_hf_dir(folder)
@@ -126,9 +147,12 @@ def _hf(folder: Path):
 
 def _text_side(make_tokenizer, *, meta=None, hf_dir=None) -> tuple[dict | None, bool]:
     """(tokenizer summary or None if there is no usable tokenizer, whether a chat template is present)."""
-    from .template import ChatTemplate
+    from .template import ChatTemplate, HostileTemplateError
+    from .tokenizer import CorruptTokenizerError
     try:
         tok = make_tokenizer()
+    except CorruptTokenizerError:
+        raise  # corrupt data, not merely a tokenizer llamacpu does not support
     except LlamacpuError:
         tok = None
     summary = None if tok is None else {
@@ -140,6 +164,8 @@ def _text_side(make_tokenizer, *, meta=None, hf_dir=None) -> tuple[dict | None, 
             template = ChatTemplate.from_gguf_metadata(meta, tok or _NoTokens)
         else:
             template = ChatTemplate.from_hf_dir(hf_dir, tok or _NoTokens)
+    except HostileTemplateError:
+        raise  # built to exhaust the reader: that is a bad file, not a missing template
     except LlamacpuError:
         template = None  # present but unusable counts as absent: chat would refuse it
     return summary, template is not None

@@ -13,7 +13,7 @@ import json
 import random
 from typing import Any, Iterator
 
-from .errors import LlamacpuError
+from .errors import LlamacpuError, reason
 
 # Per-request settings a line may carry, with their types.
 REQUEST_KEYS = {
@@ -113,8 +113,8 @@ def run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
         return {**head, **completion.to_dict(), "seed": s["seed"]}
     except LlamacpuError as e:
         return {**head, "error": one_line(str(e))}
-    except (ValueError, TypeError, ArithmeticError, RecursionError) as e:
-        return {**head, "error": f"generation failed: {type(e).__name__}: {one_line(str(e))}"}
+    except (Exception, MemoryError) as e:  # this line failed; the job goes on
+        return {**head, "error": f"generation failed: {one_line(reason(e))}"}
 
 
 def request_settings(req: dict, defaults: dict) -> dict:

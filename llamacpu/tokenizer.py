@@ -15,9 +15,13 @@ llama.cpp `llama-vocab.cpp`, sentencepiece `bpe_model.cc`, GPT-2 `encoder.py`, H
 from __future__ import annotations
 
 import codecs
+import contextlib
 import heapq
 import json
+import os
 import struct
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -162,10 +166,14 @@ class Tokenizer:
             raise LlamacpuError(f"{path}: not a directory")
         cfg = _HfConfig(path)
         if (path / "tokenizer.json").is_file():
-            text = (path / "tokenizer.json").read_text(encoding="utf-8")
+            text = _read_text(path / "tokenizer.json")
             return cls._from_tokenizer_json(text, gguf=None, hf_config=cfg)
         if (path / "tokenizer.model").is_file():
-            return cls._from_sentencepiece((path / "tokenizer.model").read_bytes(), gguf=None, hf_config=cfg)
+            try:
+                data = (path / "tokenizer.model").read_bytes()
+            except OSError as e:
+                raise LlamacpuError(f"cannot read {path / 'tokenizer.model'}: {e.strerror or e}") from None
+            return cls._from_sentencepiece(data, gguf=None, hf_config=cfg)
         raise LlamacpuError(f"{path}: no tokenizer.json or tokenizer.model")
 
     @classmethod
@@ -216,7 +224,8 @@ class Tokenizer:
         missing = len(tokens)  # the id of _MISSING_BYTE
 
         def encode(s: str) -> list[int]:
-            return [i for i in hf.encode(s, add_special_tokens=False).ids if i != missing]
+            with _rust_guard("cannot tokenize the text"):
+                return [i for i in hf.encode(s, add_special_tokens=False).ids if i != missing]
 
         return cls(tokens=tokens, types=types, encoder=encode,
                    byte_level=True, add_bos=add_bos, strip_prefix_space=False, kind="bpe", pre=pre,
@@ -229,10 +238,16 @@ class Tokenizer:
 
         try:
             spec = json.loads(text)
-            hf = tokenizers.Tokenizer.from_str(text)
-        except Exception as e:  # json.JSONDecodeError, or the Rust side's Exception
+            if not isinstance(spec, dict):
+                raise ValueError("not a JSON object")
+            with _rust_guard("invalid tokenizer.json"):
+                hf = tokenizers.Tokenizer.from_str(text)
+                hf.encode(_PROBE, add_special_tokens=False)
+        except LlamacpuError:
+            raise
+        except (Exception, RecursionError) as e:  # json.JSONDecodeError, or the Rust side's Exception
             raise LlamacpuError(f"invalid tokenizer.json ({str(e).splitlines()[0] if str(e) else e})") from None
-        tokens, types = _tokenizer_json_vocab(hf, spec)
+        tokens, types = _tokenizer_json_vocab(hf, spec, len(text))
         byte_level, strip = _tokenizer_json_decoding(spec)
         if gguf is None:
             bos_id = hf_config.token_id("bos", tokens, default=None)
@@ -254,6 +269,10 @@ class Tokenizer:
         chat template) into their single ids, as llama.cpp's parse_special does; user-defined
         tokens are always cut out. add_bos=None means `self.add_bos`.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: stdin's undecodable bytes (surrogateescape)
+            raise LlamacpuError(f"the text is not valid UTF-8 (at character {e.start})") from None
         if add_bos is None:
             add_bos = self.add_bos
         elif add_bos and self.bos_id is None:
@@ -262,7 +281,8 @@ class Tokenizer:
         if self._hf is not None:
             # tokenizer.json knows its added tokens (with their lstrip/rstrip rules): let it cut them.
             self._hf.encode_special_tokens = not parse_special
-            ids.extend(self._hf.encode(text, add_special_tokens=False).ids)
+            with _rust_guard("cannot tokenize the text"):
+                ids.extend(self._hf.encode(text, add_special_tokens=False).ids)
             return ids
         for part in self._partition(text, parse_special):
             if isinstance(part, int):
@@ -475,14 +495,18 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str):
     # only at the end), so it becomes a sentinel unknown token that the encoder filters out.
     vocab[_MISSING_BYTE] = len(tokens)
     try:
-        hf = HfTokenizer(models.BPE(vocab, pairs, unk_token=_MISSING_BYTE, fuse_unk=False,
-                                    ignore_merges=ignore_merges))
+        with _rust_guard("invalid BPE vocabulary or merges"):
+            hf = HfTokenizer(models.BPE(vocab, pairs, unk_token=_MISSING_BYTE, fuse_unk=False,
+                                        ignore_merges=ignore_merges))
+            steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+            steps += [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+            hf.pre_tokenizer = pre_tokenizers.Sequence(steps)
+            hf.encode(_PROBE, add_special_tokens=False)
+    except LlamacpuError:
+        raise
     except Exception as e:  # a merge naming a token that is not in the vocabulary
         raise LlamacpuError(f"invalid BPE vocabulary ({str(e).splitlines()[0] if str(e) else e})") from None
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
-    steps += [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-    hf.pre_tokenizer = pre_tokenizers.Sequence(steps)
     return hf
 
 
@@ -579,13 +603,56 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+# ---- the `tokenizers` library (Rust) --------------------------------------------------------
+
+# Text that walks a tokenizer through its normalizer, pre-tokenizer and merges at load, so a
+# broken tokenizer fails when it is opened rather than on some later prompt.
+_PROBE = "Hello, world! It's 2024: 3.14159 × 42 = ?  héllo Ünïcödé 日本語 😀\n\tab  ab\r\n"
+
+
+class CorruptTokenizerError(LlamacpuError):
+    """Tokenizer data that breaks the tokenizers library itself (a Rust panic): the file is corrupt,
+    as opposed to a tokenizer llamacpu does not support."""
+
+
+_STDERR_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _rust_guard(what: str):
+    """Around a call into `tokenizers`: a Rust panic surfaces as pyo3's PanicException, a
+    BaseException that `except Exception` misses, after Rust's panic hook has written a
+    backtrace to fd 2. Keep fd 2 quiet for the call and turn the panic into LlamacpuError."""
+    with _STDERR_LOCK:  # one redirection at a time: threads must not save each other's /dev/null
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        try:
+            yield
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            reason = (str(e).splitlines() or [""])[0] or "internal error"
+            raise CorruptTokenizerError(f"{what}: the tokenizers library failed on it ({reason})") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 # ---- tokenizer.json -----------------------------------------------------------------------
 
-def _tokenizer_json_vocab(hf, spec: dict) -> tuple[list[str], list[int]]:
+def _tokenizer_json_vocab(hf, spec: dict, file_size: int) -> tuple[list[str], list[int]]:
     """Tokens by id and their GGUF types: special added tokens are control, other added
     tokens user-defined, <0xNN> pieces of a byte-fallback model are bytes."""
     vocab = hf.get_vocab(with_added_tokens=True)
     size = max(vocab.values()) + 1 if vocab else 0
+    if size > max(file_size, 256):
+        # Holes in the id range are filled with placeholders, so the largest id sets the table's
+        # size: bound it by what the file could describe.
+        raise LlamacpuError(f"invalid tokenizer.json: token id {size - 1} is larger than a file of "
+                            f"{file_size} bytes can describe")
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [UNUSED] * size  # holes in the id range (llama.cpp's converter does the same)
     model = spec.get("model") or {}
@@ -738,13 +805,22 @@ class _HfConfig:
         return ids
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LlamacpuError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise LlamacpuError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamacpuError(f"{path}: invalid JSON ({e})") from None
+        value = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise LlamacpuError(f"{path}: invalid JSON ({(str(e).splitlines() or ['nested too deeply'])[0]})") from None
     return value if isinstance(value, dict) else {}
 
 

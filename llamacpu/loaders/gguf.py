@@ -105,7 +105,7 @@ class GGUFFile:
         try:
             self._parse()
         except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError) as e:
-            raise LlamacpuError(f"{path}: not a readable GGUF file ({e or type(e).__name__})") from None
+            raise LlamacpuError(f"{path}: not a readable GGUF file ({e or 'truncated header'})") from None
 
     # Primitive readers; every read is bounds-checked against the file size.
     def _take(self, n: int) -> memoryview:
@@ -152,6 +152,8 @@ class GGUFFile:
         self.meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
+            if key in self.meta:  # the spec forbids it; silently letting the last one win loads the wrong model
+                raise ValueError(f"metadata key {key} appears twice")
             self.meta[key] = self._value(self._scalar("<I"))
         raw = []
         for _ in range(n_tensors):
@@ -164,17 +166,35 @@ class GGUFFile:
         blob = self.meta.get("llamacpu.tokenizer.model")
         if isinstance(blob, np.ndarray):  # stored as a uint8 array: the original sentencepiece file
             self.meta["llamacpu.tokenizer.model"] = blob.astype(np.uint8).tobytes()
-        align = int(self.meta.get("general.alignment", 32))
+        # The spec: general.alignment is a uint32, a non-zero multiple of 8 (llama.cpp also wants a
+        # power of two); every tensor offset is a multiple of it, and data starts at the next multiple.
+        align = self.meta.get("general.alignment", 32)
+        if type(align) is not int or align < 8 or align % 8 or align & (align - 1):
+            raise ValueError(f"general.alignment must be a power of two that is a multiple of 8, got {align!r}")
         data_start = (self.pos + align - 1) // align * align
         self.tensors: list[TensorInfo] = []
+        seen: set[str] = set()
         for name, dims, ggml_type, offset in raw:
+            if name in seen:
+                raise ValueError(f"tensor {name} appears twice")
+            seen.add(name)
+            if offset % align:
+                raise ValueError(f"tensor {name} offset {offset} is not a multiple of the alignment {align}")
+            if any(d == 0 for d in dims) or not dims:
+                raise ValueError(f"tensor {name} has shape {dims}")
             try:
                 qtype = gguf.GGMLQuantizationType(ggml_type)
             except ValueError:
                 raise ValueError(f"tensor {name} has unknown ggml type {ggml_type}") from None
+            if qtype not in gguf.GGML_QUANT_SIZES:
+                raise ValueError(f"tensor {name} has ggml type {qtype.name}, which has no known size")
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(dims)) if dims else 1
-            if dims and dims[0] % block:
+            n = 1
+            for d in dims:  # Python ints: no silent int64 overflow on hostile dims
+                n *= d
+            if n > len(self.buf) * block:
+                raise ValueError(f"tensor {name} with dims {dims} cannot fit in the file")
+            if dims[0] % block:
                 raise ValueError(f"tensor {name}: row length {dims[0]} is not a multiple of {block}")
             n_bytes = n // block * type_size
             self.tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, data_start + offset, n_bytes))
@@ -218,7 +238,12 @@ def _tensor(f: GGUFFile, t: TensorInfo, name: str, transcoded: dict[str, tuple[s
     elif qtype.name == "F16":
         w = raw.view(np.float16).reshape(shape)
     else:
-        w = gguf.quants.dequantize(np.asarray(raw).reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
+        try:
+            # Hostile scales overflow to inf: keep numpy quiet here; quantize() refuses non-finite weights.
+            with np.errstate(all="ignore"):
+                w = gguf.quants.dequantize(np.asarray(raw).reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
+        except NotImplementedError:  # e.g. Q8_1, I8, I32, F64: not weight formats of a llama model
+            raise LlamacpuError(f"{f.path}: tensor {t.name} has type {qtype.name}, which llamacpu cannot read") from None
     w = np.asarray(w, dtype=np.float32).reshape(shape)
     if dequantize or len(shape) == 1:
         return QTensor("f32", shape, np.ascontiguousarray(w))

@@ -67,7 +67,12 @@ def pairs_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class SafetensorsFile:
-    """A memory-mapped .safetensors file: its header, and tensors as numpy views."""
+    """A memory-mapped .safetensors file: its header, and tensors as numpy views.
+
+    The header is checked whole on open (safetensors' own rules): every entry has a dtype, a
+    shape of non-negative ints and a [start, end) byte range after the header whose length is
+    the shape's; ranges lie inside the file and do not overlap.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -78,12 +83,48 @@ class SafetensorsFile:
                 if n > size - 8:
                     raise ValueError("header length exceeds the file")
                 header = json.loads(f.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise LlamacpuError(f"{path}: not a safetensors file ({e})") from None
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise LlamacpuError(f"{path}: not a safetensors file ({_first_line(e)})") from None
         header.pop("__metadata__", None)
         self.header = header
         self.base = 8 + n
         self.size = size
+        self._check_header()
+
+    def _check_header(self) -> None:
+        spans = []
+        for name, info in self.header.items():
+            where = f"{self.path}: tensor {name}"
+            if not isinstance(info, dict):
+                raise LlamacpuError(f"{where}: header entry is not an object")
+            dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if not isinstance(dtype, str):
+                raise LlamacpuError(f"{where}: missing or invalid dtype")
+            if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+                raise LlamacpuError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                    and offsets[0] <= offsets[1]):
+                raise LlamacpuError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end, "
+                                    f"got {offsets!r}")
+            start, end = offsets
+            if self.base + end > self.size:
+                raise LlamacpuError(f"{where}: data_offsets {offsets} lie past the end of the file (truncated?)")
+            bits = HF_DTYPE_BITS.get(dtype)
+            if bits is not None:
+                count = 1
+                for d in shape:
+                    count *= d
+                if (end - start) * 8 != count * bits:
+                    raise LlamacpuError(f"{where}: data_offsets {offsets} hold {end - start} bytes; "
+                                        f"shape {shape} in {dtype} needs {count * bits // 8}")
+            if end > start:
+                spans.append((start, end, name))
+        spans.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise LlamacpuError(f"{self.path}: tensors {a} and {b} overlap in the file")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -97,30 +138,49 @@ class SafetensorsFile:
         if dtype is None:
             raise LlamacpuError(f"{self.path}: tensor {name} has dtype {info['dtype']}; "
                                 f"expected one of {', '.join(DTYPES)}")
-        start, end = info["data_offsets"]
+        start, _ = info["data_offsets"]  # checked against the shape and the file in _check_header
         shape = tuple(info["shape"])
-        count = int(np.prod(shape))
-        if end - start != count * np.dtype(dtype).itemsize or self.base + end > self.size:
-            raise LlamacpuError(f"{self.path}: tensor {name} byte range does not match its shape (truncated?)")
         raw = np.memmap(self.path, dtype=dtype, mode="r", offset=self.base + start, shape=shape)
         if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return np.asarray(raw, dtype=np.float32)
 
 
+# Bits per element of safetensors dtypes (their spec's list), to check byte ranges against shapes.
+HF_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "I16": 16, "U16": 16, "F16": 16,
+                 "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64}
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0] or "unreadable"
+
+
 def shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise LlamacpuError(f"{index}: unreadable index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise LlamacpuError(f"{index} names a missing shard {f.name}")
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise LlamacpuError(f"{index}: unreadable index ({_first_line(e)})") from None
+        except OSError as e:
+            raise LlamacpuError(f"cannot read {index}: {e.strerror or e}") from None
+        files = []
+        for name in sorted(set(weight_map.values())):
+            # A shard is a plain file name inside the folder: no "../", no absolute path, no subfolder.
+            if not name or Path(name).name != name or name in (".", ".."):
+                raise LlamacpuError(f"{index} names a shard outside the model folder: {name!r}")
+            f = folder / name
+            if not f.is_file():
+                raise LlamacpuError(f"{index} names a missing shard {name}")
+            files.append(f)
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
     if not files:
         raise LlamacpuError(f"{folder}: no *.safetensors weights")
     return files
@@ -131,9 +191,14 @@ def read_config(folder: Path) -> dict:
     if not cfg_path.exists():
         raise LlamacpuError(f"{folder}: no config.json; not a Hugging Face model folder")
     try:
-        return json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise LlamacpuError(f"{cfg_path}: invalid JSON ({e})") from None
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise LlamacpuError(f"{cfg_path}: invalid JSON ({_first_line(e)})") from None
+    except OSError as e:
+        raise LlamacpuError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    if not isinstance(cfg, dict):
+        raise LlamacpuError(f"{cfg_path}: not a JSON object")
+    return cfg
 
 
 # generation_config.json keys → llamacpu sampling setting names (transformers' GenerationConfig).
