@@ -577,21 +577,27 @@ def _convert_progress_callback():
     return _ConvertProgress() if sys.stderr.isatty() else None
 
 
-@app.command(epilog="Example:\n\nllamacpu bench model.gguf --prompt-tokens 512 --gen-tokens 128 --threads 2 --json")
+@app.command(epilog="Example:\n\nllamacpu bench model.gguf --prompt-tokens 512 --gen-tokens 128 -r 5 --threads 2 --json")
 @_guarded
 def bench(
     model: ModelArg = None,
     prompt_tokens: Annotated[int, typer.Option(help="Tokens to prefill.")] = 512,
     gen_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs, after one warm-up.")] = 5,
     threads: Threads = None,
     quant: Quant = None,
     as_json: AsJson = False,
 ) -> None:
-    """Measure prefill and decode speed (tokens per second)."""
+    """Measure prefill and decode speed (tokens per second, mean ± sd over the runs)."""
     from .bench import run_bench
     rt = _open(model, quant=quant, threads=threads)
-    result = run_bench(rt, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
-    _render_mapping(f"bench {rt.checkpoint.source.name}", result.to_dict(), as_json)
+    result = run_bench(rt, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
+    data = result.to_dict()
+    if not as_json:  # people read mean ± sd; JSON keeps every figure apart
+        data = {"prefill tok/s": f"{result.prefill_tok_s:.2f} ± {result.prefill_tok_s_sd:.2f}",
+                "decode tok/s": f"{result.decode_tok_s:.2f} ± {result.decode_tok_s_sd:.2f}",
+                **{k: v for k, v in data.items() if not k.startswith(("prefill_tok_s", "decode_tok_s"))}}
+    _render_mapping(f"bench {rt.checkpoint.source.name}", data, as_json)
 
 
 @app.command(epilog="Example:\n\nllamacpu perplexity model.q4_0.gguf wiki.txt --ctx 512 --chunks 8 --reference model-f32.gguf")
