@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import LlamacpuError
+from .threads import thread_limit
 
 FIRST_TOKEN_PROMPT = 8  # tokens of the "short prompt" behind first_token_seconds
 
@@ -90,7 +91,8 @@ def run_bench(runtime, *, prompt_tokens: int = 512, gen_tokens: int = 128, repea
     short = prompt[:FIRST_TOKEN_PROMPT]
 
     t0 = time.perf_counter()
-    model.forward(short, model.new_cache(len(short) + 1))  # the first call also loads cached kernels
+    with thread_limit(model.threads):
+        model.forward(short, model.new_cache(len(short) + 1))  # the first call also loads cached kernels
     first = time.perf_counter() - t0
 
     def one_run() -> tuple[float, float]:
@@ -103,8 +105,9 @@ def run_bench(runtime, *, prompt_tokens: int = 512, gen_tokens: int = 128, repea
             logits = model.forward([int(np.argmax(logits))], cache)
         return prompt_tokens / prefill, gen_tokens / (time.perf_counter() - t0)
 
-    one_run()  # warm-up: kernels for this prompt length, caches, page faults
-    runs = [one_run() for _ in range(repeats)]
+    with thread_limit(model.threads):  # the pools at the count the result reports
+        one_run()  # warm-up: kernels for this prompt length, caches, page faults
+        runs = [one_run() for _ in range(repeats)]
     return BenchResult(
         prefill_runs=tuple(p for p, _ in runs),
         decode_runs=tuple(d for _, d in runs),

@@ -8,6 +8,7 @@ and stats go to stderr. NO_COLOR is honoured (by rich). Bad input is one line,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -88,7 +89,8 @@ def _guarded(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _thread_limit(kwargs.get("threads")):
+                return fn(*args, **kwargs)
         except LlamacpuError as e:
             _fail(str(e), EXIT_USAGE)
         except KeyboardInterrupt:
@@ -100,6 +102,16 @@ def _guarded(fn: Callable) -> Callable:
                 raise
             _fail(f"{type(e).__name__}: {e}", EXIT_GENERATION)
     return wrapper
+
+
+def _thread_limit(threads: int | None):
+    """--threads sets Numba's and the BLAS's pools once for the whole command (restored after).
+    Out-of-range counts are left for `_open` to refuse with a clear message."""
+    import numba
+    from .threads import thread_limit
+    if threads is None or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        return contextlib.nullcontext()
+    return thread_limit(threads)
 
 
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False):

@@ -13,7 +13,8 @@ Several matrices that read the same input (wq, wk, wv; w_gate, w_up) are packed 
 rows concatenated, so the decoder launches one parallel kernel for them. A group mixing q4_0
 and q4_1 packs as q4_1 (m = -8 d, exact in f16); a group mixing 8-bit and 4-bit formats
 widens the 4-bit members to 8-bit quants (q - 8, or q with their m): lossless, only bigger.
-The packed copy costs the weights' size in RAM once; the mmapped originals are then not read.
+The packed copy costs the weights' size in RAM once; the mmapped originals' pages are released
+as each matrix is copied (`pages.release`), so the file is not resident a second time.
 
 Decode (one row) quantizes x to 8- or 16-bit blocks (`act_dtype` int8 or int16) and runs the
 integer matvec kernel; prefill (T rows) dequantizes the matrix into a reused f32 panel and hands
@@ -31,6 +32,7 @@ import numpy as np
 
 from . import kernels
 from .errors import LlamacpuError
+from .pages import release
 from .quant import BLOCK, BLOCK_BYTES, FLOAT_DTYPES, QTensor
 
 FOUR_BIT = ("q4_0", "q4_1")
@@ -175,6 +177,7 @@ def pack_stack(groups: list[list[QTensor]]) -> PackedBlocks:
             if has_m:
                 m[li, r0:r0 + t.rows] = tm
             r0 += t.rows
+            release(t.data)  # copied: its mmapped pages need not stay resident too
     return PackedBlocks(w, d, m, bits, cols)
 
 

@@ -16,8 +16,6 @@ heads, hd head_dim, F SwiGLU width, V vocab, L layers.
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 
 import numba
@@ -26,8 +24,9 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import Linear, PackedBlocks, pack, pack_stack, set_blas_threads
+from .linear import Linear, PackedBlocks, pack, pack_stack
 from .quant import BLOCK_BYTES, QTensor, dequantize
+from .threads import default_threads
 
 KV_DTYPES = (np.float32, np.float16)
 # Decode-path activations are quantized to 16-bit blocks: the logits then match f32 activations
@@ -130,79 +129,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     return out.reshape(T, H, hd)
 
 
-class ThreadChooser:
-    """Picks the decode step's thread count: `threads`, or 1 when that measures clearly faster.
-
-    On a shared machine a parallel region waits for its slowest thread, and with the other
-    core busy 2-thread decoding was measured 4-7x *slower* than 1 thread (on a quiet machine
-    it is ~1.7x faster). So steps are timed: each option is tried first, then the faster one
-    is used and the other re-tried now and then in case the load changed. An option's speed
-    is the minimum of its last RECENT timings (noise only ever adds time); 1 thread must win
-    by MARGIN to be chosen. A re-try that loses doubles the interval to the next, up to
-    MAX_PROBE_EVERY, as a collapsed step is costly.
-    """
-
-    PROBE_EVERY = 32
-    MAX_PROBE_EVERY = 1024
-    RECENT = 4
-    MARGIN = 0.8  # 1 thread is chosen when it takes under 80% of the time of `threads`
-
-    def __init__(self, threads: int, warmed: bool = False):
-        self.options = [threads, 1] if threads > 1 else [1]
-        self.timings: dict[int, list[float]] = {n: [] for n in self.options}
-        # an option's first step (kernel loading) is not timed, unless `warmed`
-        self.warmed: set[int] = set(self.options) if warmed else set()
-        self.probe_every = self.PROBE_EVERY
-        self.next_probe = self.PROBE_EVERY
-        self.steps = 0
-
-    def seconds(self, n: int) -> float:
-        return min(self.timings[n])
-
-    def best(self) -> int:
-        if len(self.options) == 1:
-            return self.options[0]
-        many, one = self.options
-        return one if self.seconds(one) < self.MARGIN * self.seconds(many) else many
-
-    def pick(self) -> int:
-        self.steps += 1
-        untried = [n for n in self.options if not self.timings[n]]
-        if untried:
-            return untried[0]
-        best = self.best()
-        if len(self.options) > 1 and self.steps >= self.next_probe:
-            return next(n for n in self.options if n != best)
-        return best
-
-    def record(self, threads: int, seconds: float) -> None:
-        if threads not in self.warmed:
-            self.warmed.add(threads)
-            return
-        probing = all(self.timings.values()) and threads != self.best()
-        recent = self.timings[threads]
-        recent.append(seconds)
-        del recent[:-self.RECENT]
-        if probing:
-            won = self.best() == threads
-            self.probe_every = self.PROBE_EVERY if won else min(2 * self.probe_every, self.MAX_PROBE_EVERY)
-            self.next_probe = self.steps + self.probe_every
-
-
-def default_threads() -> int:
-    """The cores this process may run on, capped by Numba's thread pool."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-
-
 class Model:
     """A LLaMA-family decoder over QTensor weights (llamacpu names, see `checkpoint.py`).
 
     Block-quantized matrices (q8_0, q4_0, q4_1) are packed once here for the kernels;
-    `threads` (default: the available cores) sets the kernels' parallelism. The integer kernels
+    `threads` (default: the available cores) is the kernels' parallelism; the forward pass
+    does not set the thread pools (process state): run it inside `threads.thread_limit(model.threads)`
+    so that Numba's other parallel regions and the BLAS use as many. The integer kernels
     take activations quantized to `act_bits` (16, or 8 as ggml: faster, less exact) per block.
     """
 
@@ -216,8 +149,6 @@ class Model:
             raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
         self.act_dtype = ACT_DTYPES[act_bits]
         self.threads = threads or default_threads()
-        self.thread_chooser = ThreadChooser(self.threads)  # decode steps
-        self._prefilled = False  # the first prefill also loads kernels: its first layers are not timed
         self.embed = tensors["embed"]  # (V, D)
         self.norm = tensors["norm"].dequantize()  # (D,)
         output = tensors["embed"] if c.tie_word_embeddings else tensors["output"]  # (V, D)
@@ -297,7 +228,6 @@ class Model:
         Returns logits (T, V) if `all_logits`, else (V,) for the last token only.
         """
         tokens = self._check(tokens, cache)
-        numba.set_num_threads(self.threads)
         if len(tokens) == 1 and self.decode_weights is not None:
             logits = self._decode(tokens, cache)
             return logits[None] if all_logits else logits
@@ -309,9 +239,6 @@ class Model:
         x = self.embed_tokens(tokens)[0]  # (D,)
         logits = np.empty(c.vocab_size, dtype=np.float32)  # (V,)
         k, v = cache.kernel_views()
-        nt = self.thread_chooser.pick()
-        numba.set_num_threads(nt)
-        t0 = time.perf_counter()
         kernels.decode_step(
             x, cache.pos, w.attn_norm, w.mlp_norm, self.norm,
             w.qkv.w, w.qkv.d, w.qkv.m, w.qkv.bits, w.wo.w, w.wo.d, w.wo.m, w.wo.bits,
@@ -319,8 +246,7 @@ class Model:
             w.w_down.w, w.w_down.d, w.w_down.m, w.w_down.bits,
             w.head.w, w.head.d, w.head.m, w.head.bits,
             k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
-            float(c.rms_norm_eps), nt, self._xq, logits)
-        self.thread_chooser.record(nt, time.perf_counter() - t0)
+            float(c.rms_norm_eps), self.threads, self._xq, logits)
         cache.pos += 1
         return logits
 
@@ -341,15 +267,7 @@ class Model:
         start = cache.pos
         S = start + T
         x = self.embed_tokens(tokens)  # (T, D)
-        # Thread count chosen per layer by timing (layers cost the same): BLAS and kernels
-        # collapse with 2 threads when the other core is busy. Fresh per call, as T varies.
-        chooser = ThreadChooser(self.threads, warmed=self._prefilled)
-        self._prefilled = True
         for li, layer in enumerate(self.layers):
-            nt = chooser.pick()
-            numba.set_num_threads(nt)
-            set_blas_threads(nt)
-            t0 = time.perf_counter()
             h = self._norm(x, layer.attn_norm)  # (T, D)
             qkv = self._project(layer.qkv, h)  # (T, H*hd + 2*Hkv*hd)
             q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
@@ -367,9 +285,6 @@ class Model:
             gu = self._project(layer.gate_up, h)  # (T, 2F): gate | up
             g, u = gu[:, :F], gu[:, F:]
             x += layer.w_down(g / (1.0 + np.exp(-g)) * u, self._panel)  # SwiGLU: silu(g) * u
-            chooser.record(nt, time.perf_counter() - t0)
-        numba.set_num_threads(self.threads)
-        set_blas_threads(self.threads)
         cache.pos = S
         if not all_logits:
             x = x[-1:]
