@@ -48,6 +48,8 @@ Ctx = Annotated[int, typer.Option(help="Context size in tokens (capped at the mo
 Quant = Annotated[Optional[str], typer.Option(
     help="Quantize at load: q8_0, q4_0, q4_1, f16 or f32 (HF folders default to q8_0).", show_default=False)]
 Threads = Annotated[Optional[int], typer.Option(help="Compute threads. Default: all cores.", show_default=False)]
+AdaptiveThreadsOpt = Annotated[bool, typer.Option(
+    "--adaptive-threads", help="Time decode steps and drop to 1 thread when that is faster (a busy machine).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Notices and speed on stderr (always on a terminal).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
@@ -114,7 +116,8 @@ def _thread_limit(threads: int | None):
     return thread_limit(threads)
 
 
-def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False):
+def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
+          adaptive_threads: bool = False):
     """Open MODEL, or the default model (telling the user if it must be fetched first)."""
     from .default_model import default_model
     from .runtime import open_model
@@ -129,7 +132,11 @@ def _open(model: str | None, *, quant: str | None = None, threads: int | None = 
                 progress.close()
     else:
         path = Path(model)
-    return open_model(path, quant=quant, threads=threads, dequantize=dequantize)
+    rt = open_model(path, quant=quant, threads=threads, dequantize=dequantize)
+    if adaptive_threads:
+        from .threads import AdaptiveThreads
+        rt.model = AdaptiveThreads(rt.model)
+    return rt
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -218,6 +225,7 @@ def run(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    adaptive_threads: AdaptiveThreadsOpt = False,
     verbose: Verbose = False,
 ) -> None:
     """Generate text for one prompt (or a batch), for shells and scripts."""
@@ -242,7 +250,7 @@ def run(
             raise LlamacpuError("--jsonl reads its prompts from stdin; give no PROMPT argument")
         if sys.stdin.isatty():
             raise LlamacpuError("--jsonl reads requests from stdin, which is a terminal")
-        rt = _open(model, quant=quant, threads=threads)
+        rt = _open(model, quant=quant, threads=threads, adaptive_threads=adaptive_threads)
         _notices(rt, show_info)
         for index, line in enumerate(sys.stdin):
             if not line.strip():
@@ -261,7 +269,7 @@ def run(
     if not prompt.strip():
         raise LlamacpuError("the prompt is empty")
 
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, adaptive_threads=adaptive_threads)
     _notices(rt, show_info)
     ids = encode_prompt(rt.tokenizer, rt.template, prompt, system=system, raw=raw or rt.template is None)
     seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 32)
@@ -394,6 +402,7 @@ def chat(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    adaptive_threads: AdaptiveThreadsOpt = False,
     verbose: Verbose = False,
 ) -> None:
     """Talk with a model over many turns; the KV cache is kept between turns.
@@ -410,7 +419,7 @@ def chat(
     if max_tokens < 1:
         raise LlamacpuError(f"--max-tokens must be >= 1, got {max_tokens}")
     interactive = sys.stdin.isatty()
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, adaptive_threads=adaptive_threads)
     session = ChatSession(rt.model, rt.tokenizer, rt.template, sampler=sampler,
                           rng=np.random.default_rng(seed), max_seq=_context_size(rt, ctx),
                           max_tokens=max_tokens, system=system, repeat_penalty=repeat_penalty)

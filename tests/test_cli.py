@@ -236,6 +236,14 @@ def test_convert_then_bench_in_process(tiny, tmp_path, capsys):
     assert re.search(r"decode tok/s: [0-9.]+ ± [0-9.]+", capsys.readouterr().out)
 
 
+def test_adaptive_threads_generates_the_same_greedy_text(tiny):
+    args = ("run", tiny, "--temperature", "0", "--max-tokens", "12", "--json")
+    plain = llamacpu(*args, input="What is 12 times 7?\n")
+    adaptive = llamacpu(*args, "--adaptive-threads", input="What is 12 times 7?\n")
+    assert plain.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
+    assert json.loads(adaptive.stdout)["text"] == json.loads(plain.stdout)["text"]
+
+
 # ---- real pipes, tiny model ----------------------------------------------------------------------
 
 def test_run_through_a_pipe_is_clean_text(tiny):
