@@ -16,6 +16,7 @@ heads, hd head_dim, F SwiGLU width, V vocab, L layers.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numba
@@ -37,6 +38,24 @@ ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chu
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros whose memory becomes resident only where written, one 4 KiB page at a time.
+
+    np.zeros would do, but numpy asks the kernel for 2 MiB transparent huge pages on large
+    arrays (madvise), so the first position a layer writes would make 2 MiB of its cache
+    resident: the whole cache, for a small model's full context (measured: +84 MB on the
+    TinyLlama-1.1B shape's 88 MB cache after a 16-token prompt). An anonymous mapping with
+    huge pages declined costs only the pages the positions in use touch."""
+    count = int(np.prod(shape))
+    size = max(1, count * np.dtype(dtype).itemsize)
+    # Private: reading a page never written maps the shared zero page (a shared mapping would
+    # allocate it). Windows has no flags and small pages.
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if hasattr(mmap, "MAP_PRIVATE") else mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere pages are small anyway
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: (layers, max_seq, Hkv, hd), plus a position counter.
 
@@ -50,8 +69,8 @@ class KVCache:
         if np.dtype(dtype) not in [np.dtype(t) for t in KV_DTYPES]:
             raise LlamacpuError(f"KV cache dtype must be float32 or float16, got {np.dtype(dtype)}")
         shape = (config.num_hidden_layers, max_seq, config.num_key_value_heads, config.head_dim)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
         self.max_seq = max_seq
         self.pos = 0
 

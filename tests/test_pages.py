@@ -56,3 +56,16 @@ def test_release_leaves_anonymous_and_writable_memory_alone(tmp_path):
     rw[:] = 7  # dirty pages of a writable mapping: MADV_DONTNEED could drop unwritten data
     assert release(rw) == 0
     assert (rw == 7).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_full_context_kv_cache_is_resident_only_where_written():
+    from llamacpu.model import KVCache
+    from tiny import tiny_config
+    c = tiny_config(num_hidden_layers=4, num_key_value_heads=2)
+    cache = KVCache(c, 32768, np.float32)  # 4 layers x 32768 positions x 2 heads x hd: MBs per layer
+    per_layer = cache.k[0].nbytes
+    assert per_layer >= 4 * 2**20 and not cache.k.any()  # zeros, as np.zeros would be
+    cache.k[:, :3] = 1.0  # three positions in every layer
+    assert mapping_rss_kb(cache.k) <= c.num_hidden_layers * 2 * PAGE // 1024  # not 2 MiB huge pages each
+    assert cache.k[:, :3].all() and not cache.k[:, 3:].any()
