@@ -19,6 +19,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, check_tensors
 from ..config import ModelConfig
 from ..errors import LlamacpuError
+from ..pages import release
 from ..quant import BLOCK, QTensor, quantize
 
 # GGUF name → llamacpu name. `{i}` is the block index.
@@ -202,6 +203,8 @@ def _tensor(f: GGUFFile, t: TensorInfo, name: str, notices: list[str], dequantiz
     else:
         w = gguf.quants.dequantize(np.asarray(raw).reshape(shape[0] if len(shape) > 1 else 1, -1), qtype)
     w = np.asarray(w, dtype=np.float32).reshape(shape)
+    if not np.may_share_memory(w, raw):  # copied to f32: the file's pages need not stay resident
+        release(raw)
     if dequantize or len(shape) == 1:
         return QTensor("f32", shape, np.ascontiguousarray(w))
     target = "q8_0" if shape[-1] % BLOCK == 0 else "f16"
