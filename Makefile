@@ -32,15 +32,23 @@ test: venv model
 	$(PY) -m pytest -q
 
 # Peers for benchmarks and reference generation (llama-cpp-python compiles for ~15 minutes once).
-# A portable AVX2 build: a native build picks up AMX here, which the sandbox forbids (SIGILL).
-LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-$(VENV)/.peers: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install --quiet -e '.[test,serve,ray,reference,bench]'
+# llama.cpp is built natively (GGML_NATIVE=ON), as a user here would build it; only features that
+# fault in this sandbox (AMX, on some Intel hosts) are left out: see tools/llama_cpp_build.py.
+# Rebuilt (uninstall, --no-cache-dir) when those flags change: pip would reuse an older build.
+$(VENV)/.peers: $(VENV)/.installed tools/llama_cpp_build.py tools/cc_without_amx.sh
+	$(PY) -m pip install --quiet -e '.[test,serve,ray,reference]'
+	$(PY) tools/llama_cpp_build.py
+	$(PY) -m pip uninstall --quiet -y llama-cpp-python
+	CMAKE_ARGS="$$($(PY) tools/llama_cpp_build.py --cmake-args)" \
+		$(PY) -m pip install --quiet --no-cache-dir -e '.[bench]'
 	touch $@
 
+# Speed and peak memory against llama.cpp at 135M (the real SmolLM2), 1.1B and 7B shapes (random
+# weights, made once under .cache/models/bench/ by tools/make_bench_models.py; the 7B needs
+# ~4 GB of disk and ~5 GB of RAM). BENCH_ARGS, e.g. BENCH_ARGS="--sizes 135m,1b --repeats 5".
+BENCH_ARGS ?=
 bench: venv model $(VENV)/.peers
-	$(PY) tools/bench_peers.py --model $(MODEL)
+	$(PY) tools/bench_peers.py --model $(MODEL) $(BENCH_ARGS)
 
 reference: venv model $(VENV)/.peers
 	$(PY) tools/make_reference.py

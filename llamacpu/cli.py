@@ -15,6 +15,7 @@ Exit codes, one rule for every command (README "Exit codes"):
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -151,6 +152,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v",
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats on stderr, even on a terminal.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 ActBits = Annotated[int, typer.Option("--act-bits", metavar="N", help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster prefill).")]
+AdaptiveThreadsOpt = Annotated[bool, typer.Option(
+    "--adaptive-threads", help="Time decode steps and drop to 1 thread when that is faster (a busy machine).")]
 
 CTX = 4096
 RUN_MAX_TOKENS = 256  # run and batch
@@ -190,7 +193,8 @@ def _guarded(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _thread_limit(kwargs.get("threads")):
+                return fn(*args, **kwargs)
         except LlamacpuError as e:
             _fail(str(e), EXIT_USAGE)
         except KeyboardInterrupt:
@@ -213,6 +217,16 @@ def _guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+def _thread_limit(threads: int | None):
+    """--threads sets Numba's and the BLAS's pools once for the whole command (restored after).
+    Out-of-range counts are left for `_open` to refuse with a clear message."""
+    import numba
+    from .threads import thread_limit
+    if threads is None or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        return contextlib.nullcontext()
+    return thread_limit(threads)
+
+
 def _reader_gone() -> None:
     """Our stdout's reader has gone: point stdout at /dev/null, so that Python's own flush at
     exit does not fail (and print) a second time."""
@@ -229,7 +243,7 @@ def _resolve(model: str | None) -> Path:
 
 
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
-          act_bits: int = 16):
+          act_bits: int = 16, adaptive_threads: bool = False):
     """Open MODEL: a name, a path, or the default model."""
     from .runtime import open_model
     if threads is not None and threads < 1:
@@ -238,11 +252,15 @@ def _open(model: str | None, *, quant: str | None = None, threads: int | None = 
         raise LlamacpuError(f"--act-bits must be 8 or 16, got {act_bits}")
     path = _resolve(model)
     try:
-        return open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
+        rt = open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
     except LlamacpuError:
         raise
     except (Exception, MemoryError) as e:  # the tokenizer or template of a bad file, say
         raise LlamacpuError(f"{path}: cannot open the model ({reason(e)})") from None
+    if adaptive_threads:
+        from .threads import AdaptiveThreads
+        rt.model = AdaptiveThreads(rt.model)
+    return rt
 
 
 class _Terminated(BaseException):
@@ -388,6 +406,7 @@ def run(
     quant: Quant = None,
     threads: Threads = None,
     act_bits: ActBits = 16,
+    adaptive_threads: AdaptiveThreadsOpt = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -412,7 +431,7 @@ def run(
             raise LlamacpuError("--jsonl reads its prompts from stdin; give no PROMPT argument")
         if sys.stdin.isatty():
             raise LlamacpuError("--jsonl reads requests from stdin, which is a terminal")
-        rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
+        rt = _open(model, quant=quant, threads=threads, act_bits=act_bits, adaptive_threads=adaptive_threads)
         _notices(rt, show_info)
         settings, sources = _model_settings(rt, model, given)
         if verbose:
@@ -440,7 +459,7 @@ def run(
     if not prompt.strip():
         raise LlamacpuError("the prompt is empty")
 
-    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
+    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits, adaptive_threads=adaptive_threads)
     _notices(rt, show_info)
     settings, sources = _model_settings(rt, model, given)
     if verbose:
@@ -517,6 +536,7 @@ def chat(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    adaptive_threads: AdaptiveThreadsOpt = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -533,7 +553,7 @@ def chat(
     interactive = sys.stdin.isatty()
     if verbose and quiet:
         raise LlamacpuError("--verbose and --quiet cannot be combined")
-    rt = _open(model, quant=quant, threads=threads)
+    rt = _open(model, quant=quant, threads=threads, adaptive_threads=adaptive_threads)
     settings, sources = _model_settings(rt, model, given)
     seed = resolve_seed(seed)
     session = ChatSession(rt.model, rt.tokenizer, rt.template,
@@ -869,22 +889,28 @@ def _convert_progress_callback():
     return _ConvertProgress() if sys.stderr.isatty() else None
 
 
-@app.command(epilog=_examples("llamacpu bench smollm2 --prompt-tokens 512 --gen-tokens 128 -t 2 --json"))
+@app.command(epilog=_examples("llamacpu bench smollm2 --prompt-tokens 512 --gen-tokens 128 -r 5 -t 2 --json"))
 @_guarded
 def bench(
     model: ModelArg = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", metavar="N", help="Tokens to prefill.")] = 512,
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", metavar="N", help="Tokens to decode.")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", metavar="N", help="Timed runs, after one warm-up.")] = 5,
     threads: Threads = None,
     quant: Quant = None,
     act_bits: ActBits = 16,
     as_json: AsJson = False,
 ) -> None:
-    """Measure prefill and decode speed (tokens per second)."""
+    """Measure prefill and decode speed (tokens per second, mean ± sd over the runs)."""
     from .bench import run_bench
     rt = _open(model, quant=quant, threads=threads, act_bits=act_bits)
-    result = run_bench(rt, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
-    _render_mapping(f"bench {rt.checkpoint.source.name}", result.to_dict(), as_json)
+    result = run_bench(rt, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
+    data = result.to_dict()
+    if not as_json:  # people read mean ± sd; JSON keeps every figure apart
+        data = {"prefill tok/s": f"{result.prefill_tok_s:.2f} ± {result.prefill_tok_s_sd:.2f}",
+                "decode tok/s": f"{result.decode_tok_s:.2f} ± {result.decode_tok_s_sd:.2f}",
+                **{k: v for k, v in data.items() if not k.startswith(("prefill_tok_s", "decode_tok_s"))}}
+    _render_mapping(f"bench {rt.checkpoint.source.name}", data, as_json)
 
 
 @app.command(short_help="Perplexity of a model on a text.", epilog=_examples("llamacpu perplexity model.q4_0.gguf wiki.txt --ctx 512 --chunks 8",

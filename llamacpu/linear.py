@@ -16,6 +16,8 @@ Several matrices that read the same input (wq, wk, wv; w_gate, w_up) are packed 
 rows concatenated, so one kernel call computes them. A group mixing q4_0 and q4_1 packs as
 q4_1 (m = -8 d, exact in f16); a group mixing 8-bit and 4-bit formats widens the 4-bit
 members to 8-bit quants (q - 8, or q with their m): lossless, only bigger.
+The packed copy costs the weights' size in RAM once; the mmapped originals' pages are released
+as each matrix is copied (`pages.release`), so the file is not resident a second time.
 
 Every product, decode (one row) or prefill (T rows), quantizes x to 8-bit blocks (1 plane,
 ggml's Q8 activations) or 15-bit ones (2 planes, see `kernels.quantize_planes`) and runs the
@@ -31,26 +33,12 @@ import numpy as np
 
 from . import kernels
 from .errors import LlamacpuError
+from .pages import release
 from .quant import BLOCK, BLOCK_BYTES, FLOAT_DTYPES, QTensor
 
 FOUR_BIT = ("q4_0", "q4_1")
 RG = kernels.RG  # rows per group
 ACT_PLANES = {8: 1, 16: 2}  # act_bits → int8 planes per token (16 means the 15-bit split)
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    import threadpoolctl
-    return threadpoolctl.ThreadpoolController()
-
-
-def set_blas_threads(n: int) -> bool:
-    """Make numpy's BLAS use `n` threads (through threadpoolctl); False if it found no BLAS."""
-    blas = _blas_controller().select(user_api="blas")
-    if not blas.lib_controllers:
-        return False
-    blas.limit(limits=int(n))
-    return True
 
 
 @dataclass(frozen=True)
@@ -202,6 +190,8 @@ def pack_stack(groups: list[list[QTensor]]) -> PackedBlocks:
         if bits == 8:
             sums = gw.view(np.int8).reshape(R, nb, BLOCK).sum(axis=-1, dtype=np.int16)  # |sum| <= 32*128
             s[li] = _to_groups(sums.reshape(R, nb, 1), G, 1).reshape(G, nb, RG)
+        for t in g:
+            release(t.data)  # copied: its mmapped pages need not stay resident too
     return PackedBlocks(w, d, m, s, bits, R, cols)
 
 

@@ -17,8 +17,7 @@ heads, hd head_dim, F SwiGLU width, V vocab, L layers.
 
 from __future__ import annotations
 
-import os
-import time
+import mmap
 from dataclasses import dataclass
 
 import numba
@@ -27,8 +26,9 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import ACT_PLANES, Linear, PackedBlocks, pack, pack_stack, set_blas_threads
+from .linear import ACT_PLANES, Linear, PackedBlocks, pack, pack_stack
 from .quant import BLOCK_BYTES, QTensor, dequantize
+from .threads import default_threads
 
 KV_DTYPES = (np.float32, np.float16)
 # Activations of the integer kernels: 16 (the 15-bit two-plane split) keeps the logits near the
@@ -39,6 +39,24 @@ KV_DTYPES = (np.float32, np.float16)
 ACT_BITS = tuple(ACT_PLANES)
 ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros whose memory becomes resident only where written, one 4 KiB page at a time.
+
+    np.zeros would do, but numpy asks the kernel for 2 MiB transparent huge pages on large
+    arrays (madvise), so the first position a layer writes would make 2 MiB of its cache
+    resident: the whole cache, for a small model's full context (measured: +84 MB on the
+    TinyLlama-1.1B shape's 88 MB cache after a 16-token prompt). An anonymous mapping with
+    huge pages declined costs only the pages the positions in use touch."""
+    count = int(np.prod(shape))
+    size = max(1, count * np.dtype(dtype).itemsize)
+    # Private: reading a page never written maps the shared zero page (a shared mapping would
+    # allocate it). Windows has no flags and small pages.
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if hasattr(mmap, "MAP_PRIVATE") else mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere pages are small anyway
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class KVCache:
@@ -55,8 +73,8 @@ class KVCache:
         if np.dtype(dtype) not in [np.dtype(t) for t in KV_DTYPES]:
             raise LlamacpuError(f"KV cache dtype must be float32 or float16, got {np.dtype(dtype)}")
         shape = (config.num_hidden_layers, max_seq, config.num_key_value_heads, config.head_dim)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
         self.max_seq = max_seq
         self.pos = 0
 
@@ -129,79 +147,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, nt: int =
     return out.reshape(T, H, hd)
 
 
-class ThreadChooser:
-    """Picks the decode step's thread count: `threads`, or 1 when that measures clearly faster.
-
-    On a shared machine a parallel region waits for its slowest thread, and with the other
-    core busy 2-thread decoding was measured 4-7x *slower* than 1 thread (on a quiet machine
-    it is ~1.7x faster). So steps are timed: each option is tried first, then the faster one
-    is used and the other re-tried now and then in case the load changed. An option's speed
-    is the minimum of its last RECENT timings (noise only ever adds time); 1 thread must win
-    by MARGIN to be chosen. A re-try that loses doubles the interval to the next, up to
-    MAX_PROBE_EVERY, as a collapsed step is costly.
-    """
-
-    PROBE_EVERY = 32
-    MAX_PROBE_EVERY = 1024
-    RECENT = 4
-    MARGIN = 0.8  # 1 thread is chosen when it takes under 80% of the time of `threads`
-
-    def __init__(self, threads: int, warmed: bool = False):
-        self.options = [threads, 1] if threads > 1 else [1]
-        self.timings: dict[int, list[float]] = {n: [] for n in self.options}
-        # an option's first step (kernel loading) is not timed, unless `warmed`
-        self.warmed: set[int] = set(self.options) if warmed else set()
-        self.probe_every = self.PROBE_EVERY
-        self.next_probe = self.PROBE_EVERY
-        self.steps = 0
-
-    def seconds(self, n: int) -> float:
-        return min(self.timings[n])
-
-    def best(self) -> int:
-        if len(self.options) == 1:
-            return self.options[0]
-        many, one = self.options
-        return one if self.seconds(one) < self.MARGIN * self.seconds(many) else many
-
-    def pick(self) -> int:
-        self.steps += 1
-        untried = [n for n in self.options if not self.timings[n]]
-        if untried:
-            return untried[0]
-        best = self.best()
-        if len(self.options) > 1 and self.steps >= self.next_probe:
-            return next(n for n in self.options if n != best)
-        return best
-
-    def record(self, threads: int, seconds: float) -> None:
-        if threads not in self.warmed:
-            self.warmed.add(threads)
-            return
-        probing = all(self.timings.values()) and threads != self.best()
-        recent = self.timings[threads]
-        recent.append(seconds)
-        del recent[:-self.RECENT]
-        if probing:
-            won = self.best() == threads
-            self.probe_every = self.PROBE_EVERY if won else min(2 * self.probe_every, self.MAX_PROBE_EVERY)
-            self.next_probe = self.steps + self.probe_every
-
-
-def default_threads() -> int:
-    """The cores this process may run on, capped by Numba's thread pool."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-
-
 class Model:
     """A LLaMA-family decoder over QTensor weights (llamacpu names, see `checkpoint.py`).
 
     Block-quantized matrices (q8_0, q4_0, q4_1) are packed once here for the kernels;
-    `threads` (default: the available cores) sets the kernels' parallelism. The integer kernels
+    `threads` (default: the available cores) is the kernels' parallelism; the forward pass
+    does not set the thread pools (process state): run it inside `threads.thread_limit(model.threads)`
+    so that Numba's other parallel regions and the BLAS use as many. The integer kernels
     take activations quantized to `act_bits` (16, or 8 as ggml: faster, less exact) per block.
     wq|wk|wv and w_gate|w_up are fused into one matrix each, whatever their format.
     """
@@ -216,9 +168,6 @@ class Model:
             raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
         self.act_bits = act_bits
         self.threads = threads or default_threads()
-        self.thread_chooser = ThreadChooser(self.threads)  # decode steps
-        self.batch_chooser = ThreadChooser(self.threads)  # layers of batched decode steps (`forward_batch`)
-        self._prefilled = False  # the first prefill also loads kernels: its first layers are not timed
         self.embed = tensors["embed"]  # (V, D)
         self.norm = tensors["norm"].dequantize()  # (D,)
         output = tensors["embed"] if c.tie_word_embeddings else tensors["output"]  # (V, D)
@@ -304,7 +253,6 @@ class Model:
         Returns logits (T, V) if `all_logits`, else (V,) for the last token only.
         """
         tokens = self._check(tokens, cache)
-        numba.set_num_threads(self.threads)
         if len(tokens) == 1 and self.decode_weights is not None:
             logits = self._decode(tokens, cache)
             return logits[None] if all_logits else logits
@@ -326,9 +274,8 @@ class Model:
                                 f"{len(tokens)} tokens, {len(caches)} caches")
         for token, cache in zip(tokens, caches):
             self._check([token], cache)
-        numba.set_num_threads(self.threads)
         spans = [(cache, b, b + 1) for b, cache in enumerate(caches)]
-        return self._prefill(tokens, spans, False, chooser=self.batch_chooser)
+        return self._prefill(tokens, spans, False)
 
     def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token through the fused kernel → logits (V,)."""
@@ -336,15 +283,11 @@ class Model:
         x = self.embed_tokens(tokens)[0]  # (D,)
         logits = np.empty(w.head.padded_rows, dtype=np.float32)  # (V rounded up to 16,)
         k, v = cache.kernel_views()
-        nt = self.thread_chooser.pick()
-        numba.set_num_threads(nt)
-        t0 = time.perf_counter()
         kernels.decode_step(
             x, cache.pos, w.attn_norm, w.mlp_norm, self.norm,
             w.qkv.kernel_args, w.wo.kernel_args, w.gate_up.kernel_args, w.w_down.kernel_args,
             w.head.kernel_args, k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
-            float(c.rms_norm_eps), ACT_PLANES[self.act_bits], nt, logits)
-        self.thread_chooser.record(nt, time.perf_counter() - t0)
+            float(c.rms_norm_eps), ACT_PLANES[self.act_bits], self.threads, logits)
         cache.pos += 1
         return logits[:c.vocab_size]
 
@@ -354,25 +297,14 @@ class Model:
         kernels.rms_norm(x, weight, float(self.config.rms_norm_eps), out)
         return out
 
-    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool,
-                 chooser: ThreadChooser | None = None) -> np.ndarray:
+    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool) -> np.ndarray:
         """The layer loop over T rows. Rows r0:r1 of each span (cache, r0, r1) continue that cache
         from its position: a prefill is one span of T rows, a batched decode B spans of one row.
-        Returns logits (T, V) if `all_logits`, else (spans, V) for each span's last row.
-        `chooser` keeps the thread choice across calls of one size (batched decode steps)."""
+        Returns logits (T, V) if `all_logits`, else (spans, V) for each span's last row."""
         c = self.config
         T, H, Hkv, hd, F = len(tokens), c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
         x = self.embed_tokens(tokens)  # (T, D)
-        # Thread count chosen per layer by timing (layers cost the same): BLAS and kernels
-        # collapse with 2 threads when the other core is busy. Fresh per call, as T varies.
-        if chooser is None:
-            chooser = ThreadChooser(self.threads, warmed=self._prefilled)
-            self._prefilled = True
         for li, layer in enumerate(self.layers):
-            nt = chooser.pick()
-            numba.set_num_threads(nt)
-            set_blas_threads(nt)
-            t0 = time.perf_counter()
             h = self._norm(x, layer.attn_norm)  # (T, D)
             qkv = layer.qkv(h)  # (T, H*hd + 2*Hkv*hd)
             q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
@@ -387,16 +319,13 @@ class Model:
                 cache.v[li, start:S] = v[r0:r1]
                 ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
                 vs = cache.v[li, :S].astype(np.float32, copy=False)
-                a[r0:r1] = attention(q[r0:r1], ks, vs, start, nt)
+                a[r0:r1] = attention(q[r0:r1], ks, vs, start, self.threads)
             x += layer.wo(a.reshape(T, c.q_dim))  # (T, D)
             h = self._norm(x, layer.mlp_norm)
             gu = layer.gate_up(h)  # (T, 2F): gate | up
             act = np.empty((T, F), dtype=np.float32)
-            kernels.swiglu_rows(gu, act, nt)  # SwiGLU: silu(gate) * up
+            kernels.swiglu_rows(gu, act, self.threads)  # SwiGLU: silu(gate) * up
             x += layer.w_down(act)
-            chooser.record(nt, time.perf_counter() - t0)
-        numba.set_num_threads(self.threads)
-        set_blas_threads(self.threads)
         for cache, r0, r1 in spans:
             cache.pos += r1 - r0
         if not all_logits:

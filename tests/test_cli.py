@@ -8,6 +8,7 @@ the tests that need real answers use the pinned SmolLM2 model with few tokens.
 import io
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -216,9 +217,25 @@ def test_convert_then_bench_in_process(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["formats"]["ffn"] == {"q4_0": 6}
     assert cli.main(["convert", str(tiny), "-o", str(tmp_path / "x.gguf"), "--quant", "q3_k"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
-    assert cli.main(["bench", str(out), "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1", "--json"]) == 0
+    assert cli.main(["bench", str(out), "--prompt-tokens", "8", "--gen-tokens", "4", "-r", "3", "--threads", "1",
+                     "--json"]) == 0
     b = json.loads(capsys.readouterr().out)
-    assert b["decode_tok_s"] > 0 and b["prompt_tokens"] == 8 and b["gen_tokens"] == 4
+    assert b["decode_tok_s"] > 0 and b["prompt_tokens"] == 8 and b["gen_tokens"] == 4 and b["repeats"] == 3
+    for kind in ("prefill", "decode"):  # mean ± sample sd of the runs, as llama-bench reports them
+        runs = b[f"{kind}_tok_s_runs"]
+        assert len(runs) == 3 and b[f"{kind}_tok_s_best"] == max(runs)
+        assert b[f"{kind}_tok_s"] == pytest.approx(np.mean(runs))
+        assert b[f"{kind}_tok_s_sd"] == pytest.approx(np.std(runs, ddof=1))
+    assert cli.main(["bench", str(out), "--prompt-tokens", "8", "--gen-tokens", "2", "-r", "2", "--threads", "1"]) == 0
+    assert re.search(r"decode tok/s: [0-9.]+ ± [0-9.]+", capsys.readouterr().out)
+
+
+def test_adaptive_threads_generates_the_same_greedy_text(tiny):
+    args = ("run", tiny, "--temperature", "0", "--max-tokens", "12", "--json")
+    plain = llamacpu(*args, input="What is 12 times 7?\n")
+    adaptive = llamacpu(*args, "--adaptive-threads", input="What is 12 times 7?\n")
+    assert plain.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
+    assert json.loads(adaptive.stdout)["text"] == json.loads(plain.stdout)["text"]
 
 
 # ---- real pipes, tiny model ----------------------------------------------------------------------

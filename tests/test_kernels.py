@@ -587,30 +587,29 @@ def test_exp_neg_matches_numpy():
     assert (tiny >= 0).all() and (tiny < 2e-38).all()
 
 
-def test_thread_chooser_prefers_the_faster_option_and_reprobes():
-    from llamacpu.model import ThreadChooser
-    tc = ThreadChooser(2)
-    cost = {2: 0.030, 1: 0.010}  # the other core is busy: 1 thread wins
-    picks = []
-    for _ in range(600):
-        n = tc.pick()
-        picks.append(n)
-        tc.record(n, cost[n])
-    assert picks[:4] == [2, 2, 1, 1]  # warm-up then a timed step for each option
-    probes = [i for i, n in enumerate(picks) if i >= 4 and n == 2]
-    assert 3 <= len(probes) <= 6  # re-probed, with growing intervals after each loss
-    assert np.all(np.diff(probes) > 0) and np.diff(probes)[-1] > np.diff(probes)[0]
-    cost = {2: 0.005, 1: 0.010}  # load went away: the next probe switches back
-    for _ in range(1100):
-        n = tc.pick()
-        tc.record(n, cost[n])
-    assert tc.best() == 2
-    # noise: one slow 2-thread step, or 1 thread only slightly faster, does not switch
-    tc.record(2, 0.050)
-    assert tc.best() == 2
-    tc.timings[1] = [0.0045]
-    assert tc.best() == 2
-    assert ThreadChooser(1).pick() == 1
+def test_forward_leaves_the_thread_pools_alone_and_thread_limit_restores_them():
+    """Thread counts are process state: a forward pass (prefill through BLAS, or the fused decode
+    step) reads them and never sets them; `thread_limit` sets both pools for a block, then restores."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    from llamacpu.threads import thread_limit
+
+    def blas():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    c, tensors, _ = _tiny("q8_0")
+    model = Model(c, tensors, threads=1)
+    before = numba.get_num_threads(), blas()
+    prompt = np.resize(TOKENS, 40)  # more rows than the integer-kernel path takes: BLAS prefill
+    cache = model.new_cache(len(prompt) + 2)
+    logits = model.forward(prompt, cache)
+    model.forward([int(np.argmax(logits))], cache)
+    assert (numba.get_num_threads(), blas()) == before
+    with thread_limit(1):
+        assert numba.get_num_threads() == 1 and set(blas()) <= {1}
+        model.forward([1], cache)
+    assert (numba.get_num_threads(), blas()) == before
 
 
 def test_rope_tables_grow_past_their_start(monkeypatch):

@@ -1,19 +1,31 @@
-"""Benchmark llamacpu against llama.cpp (llama-cpp-python) and transformers fp32, one after the other.
+"""Benchmark llamacpu against llama.cpp (llama-cpp-python) at the sizes people run.
 
-    python tools/bench_peers.py --model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    python tools/bench_peers.py [--sizes 135m,1b,7b] [--repeats 3] [--threads 2] [--transformers]
 
-For each format (default q8_0 and q4_0) the same GGUF file is run by llamacpu and by
-llama.cpp, with the same thread count, prompt (seeded random ids) and greedy decode;
-transformers runs once in fp32 (it dequantizes any GGUF). The GGUFs are made from --model
-by `llamacpu.convert.convert_model` (or, if that is missing, llama.cpp's own quantizer) and
-kept under .cache/models/bench/. Each engine runs --repeats times; the best run counts,
-because this machine is shared and noisy. Needs the `bench` and `reference` extras.
+Sizes (files from tools/make_bench_models.py, made on first use under .cache/models/bench/,
+every one quantized by llama.cpp's own quantizer, so both engines run the very same bytes):
+
+    135m  SmolLM2-135M (real weights)   Q8_0, Q4_0   512-token prefill, 128-token decode
+    1b    TinyLlama-1.1B shape (random) Q8_0, Q4_0   512-token prefill,  64-token decode
+    7b    Llama-2-7B shape (random)     Q4_0         decode and memory: 16-token prompt, 64-token decode
+
+Each engine runs each file in its own subprocess (so that its peak RSS is its own), with the
+same thread count, prompt (seeded random ids) and greedy decode: one untimed warm-up, then
+--repeats timed runs; the best run counts (a shared machine's noise only slows runs down),
+and the spread (sample sd) is printed beside it. llama.cpp is timed around its `eval` calls.
+The 7b row also checks llamacpu's peak RSS against file + KV cache + 300 MB.
+transformers fp32 (135m only, --transformers) is a third, slow reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,70 +33,47 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_DIR = ROOT / ".cache" / "models" / "bench"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-
-def make_gguf(src: Path, fmt: str) -> Path:
-    """A `fmt` copy of `src` under BENCH_DIR, made once."""
-    out = BENCH_DIR / f"{src.stem.split('.')[0]}.{fmt}.gguf"
-    if out.exists():
-        return out
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    try:
-        from llamacpu.convert import convert_model
-    except ImportError:
-        convert_model = None
-    if convert_model is not None:
-        convert_model(src, out, fmt)
-        return out
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-                    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[fmt]
-    params.allow_requantize = True
-    params.nthread = 2
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
-        sys.exit(f"llama.cpp could not quantize {src} to {fmt}")
-    return out
+# size → (formats, prompt tokens, decode tokens)
+PLAN = {"135m": (("Q8_0", "Q4_0"), 512, 128), "1b": (("Q8_0", "Q4_0"), 512, 64), "7b": (("Q4_0",), 16, 64)}
+RSS_MARGIN_MB = 300  # the 7b target: peak RSS <= file + KV cache + this
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, vocab, n)]
 
 
-def bench_llamacpu(path: Path, args) -> dict:
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def _summary(prefill: list[float], decode: list[float]) -> dict:
+    """tok/s runs → best, mean and sample sd of each."""
+    out = {}
+    for kind, runs in (("prefill", prefill), ("decode", decode)):
+        out[kind] = max(runs)
+        out[f"{kind}_mean"] = statistics.fmean(runs)
+        out[f"{kind}_sd"] = statistics.stdev(runs) if len(runs) > 1 else 0.0
+    return out
+
+
+# ---- workers: one engine, one file, in a fresh process; JSON on stdout ------------------------
+
+def work_llamacpu(path: Path, args) -> dict:
     from llamacpu.bench import run_bench
     from llamacpu.runtime import open_model
     rt = open_model(path, threads=args.threads)
     r = run_bench(rt, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats)
-    out = {"prefill": r.prefill_tok_s, "decode": r.decode_tok_s, "load": r.load_seconds,
-           "first": r.first_token_seconds, "rss": r.peak_rss_mb}
-    del rt
-    gc.collect()
-    return out
+    c = rt.config
+    kv_mb = 2 * c.num_hidden_layers * (args.prompt_tokens + args.gen_tokens) * c.kv_dim * 4 / 2**20  # f32 K and V
+    return {**_summary(list(r.prefill_runs), list(r.decode_runs)), "load": r.load_seconds,
+            "first": r.first_token_seconds, "rss_mb": r.peak_rss_mb, "kv_mb": kv_mb}
 
 
-def _llama_cpp_without_amx():
-    """llama.cpp built natively here enables its AMX int8 path (the CPUID advertises AMX), but
-    the VM does not grant AMX tile state and `tilezero` dies with SIGILL. Turning off ggml's
-    "extra buffer types" (AMX, and also its weight repacking) avoids that; rebuilding with
-    -DGGML_AMX_INT8=OFF would keep the repacking."""
+def work_llama_cpp(path: Path, args) -> dict:
     import llama_cpp
-    import llama_cpp.llama as llama_module
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = params
-
-
-def bench_llama_cpp(path: Path, args) -> dict:
-    import llama_cpp
-    if args.no_llama_cpp_extra_bufts:
-        _llama_cpp_without_amx()
     n_ctx = args.prompt_tokens + args.gen_tokens + 8
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads,
@@ -92,24 +81,24 @@ def bench_llama_cpp(path: Path, args) -> dict:
     load = time.perf_counter() - t0
     vocab = llm.n_vocab()
     prompt = prompt_ids(vocab, args.prompt_tokens)
-    best_p = best_d = float("inf")
-    for _ in range(args.repeats):
-        llm.reset()
-        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+
+    def one_run() -> tuple[float, float]:
+        llm.reset()  # n_tokens = 0: the next eval drops every cached position first
         t0 = time.perf_counter()
         llm.eval(prompt)
-        best_p = min(best_p, time.perf_counter() - t0)
+        prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.gen_tokens):
             logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
             llm.eval([int(np.argmax(logits))])
-        best_d = min(best_d, time.perf_counter() - t0)
-    del llm
-    gc.collect()
-    return {"prefill": args.prompt_tokens / best_p, "decode": args.gen_tokens / best_d, "load": load}
+        return args.prompt_tokens / prefill, args.gen_tokens / (time.perf_counter() - t0)
+
+    one_run()  # warm-up, as llama-bench does
+    runs = [one_run() for _ in range(args.repeats)]
+    return {**_summary([p for p, _ in runs], [d for _, d in runs]), "load": load, "rss_mb": peak_rss_mb()}
 
 
-def bench_transformers(path: Path, args) -> dict:
+def work_transformers(path: Path, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(args.threads)
@@ -118,72 +107,136 @@ def bench_transformers(path: Path, args) -> dict:
     model.eval()
     load = time.perf_counter() - t0
     prompt = torch.tensor([prompt_ids(model.config.vocab_size, args.prompt_tokens)])
-    gen = args.hf_gen_tokens
-    best_p = best_d = float("inf")
+    runs = []
     with torch.inference_mode():
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             out = model(prompt, use_cache=True)
-            best_p = min(best_p, time.perf_counter() - t0)
+            prefill = time.perf_counter() - t0
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
-            for _ in range(gen):
+            for _ in range(args.gen_tokens):
                 out = model(nxt, past_key_values=past, use_cache=True)
                 past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            best_d = min(best_d, time.perf_counter() - t0)
-    del model
-    gc.collect()
-    return {"prefill": args.prompt_tokens / best_p, "decode": gen / best_d, "load": load}
+            runs.append((args.prompt_tokens / prefill, args.gen_tokens / (time.perf_counter() - t0)))
+    return {**_summary([p for p, _ in runs], [d for _, d in runs]), "load": load, "rss_mb": peak_rss_mb()}
+
+
+WORKERS = {"llamacpu": work_llamacpu, "llama.cpp": work_llama_cpp, "transformers": work_transformers}
+
+
+def run_worker(engine: str, path: Path, prompt: int, gen: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--file", str(path), "--prompt-tokens", str(prompt),
+           "--gen-tokens", str(gen), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{engine} on {path.name} failed (exit {p.returncode})")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---- the machine and the peer, written beside every figure ------------------------------------
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_line() -> str:
+    from llama_cpp_build import cpu_flags
+    flags = cpu_flags()
+    shown = [f for f in ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores ({', '.join(shown) or 'no AVX2'})"
+
+
+def blas_line() -> str:
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    return ("numpy's BLAS (llamacpu's prefill matmuls) runs OpenBLAS's "
+            + (f"OPENBLAS_CORETYPE={core} kernels (set in the environment)" if core else
+               "auto-detected kernels (OPENBLAS_CORETYPE is not set)")
+            + "; its speed depends on that variable")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="source GGUF (or HF folder) to convert")
-    ap.add_argument("--formats", default="q8_0,q4_0")
+    ap.add_argument("--model", type=Path, default=ROOT / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    help="the real SmolLM2 GGUF the 135m files are made from")
+    ap.add_argument("--sizes", default="135m,1b,7b")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--gen-tokens", type=int, default=128)
-    ap.add_argument("--hf-gen-tokens", type=int, default=32, help="transformers decodes fewer (it is slow)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--no-llama-cpp-extra-bufts", action="store_true",
-                    help="switch off llama.cpp's repack buffers: only for a native build that "
-                         "enabled AMX, which SIGILLs here (`make` builds the peer without AMX)")
-    ap.add_argument("--skip", default="", help="comma list of engines to skip: llamacpu,llama.cpp,transformers")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of engines to skip: llamacpu,llama.cpp")
+    ap.add_argument("--transformers", action="store_true", help="also run transformers fp32 (135m only; slow)")
+    ap.add_argument("--json", type=Path, help="also write every row to this JSON file")
+    # worker mode (internal): one engine on one file
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--file", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-tokens", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--gen-tokens", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.file, args)))
+        return
+
+    import llama_cpp
+    from llama_cpp_build import describe
+    from make_bench_models import ensure
+    sizes = args.sizes.split(",")
+    for size in sizes:
+        if size not in PLAN:
+            sys.exit(f"unknown size {size!r} (choose from {', '.join(PLAN)})")
     skip = set(filter(None, args.skip.split(",")))
-    formats = args.formats.split(",")
-    files = {fmt: make_gguf(args.model, fmt) for fmt in formats}
+    engines = [e for e in ("llamacpu", "llama.cpp") if e not in skip]
 
-    rows: list[tuple[str, str, dict]] = []
-    for fmt in formats:
-        if "llamacpu" not in skip:
-            rows.append(("llamacpu", fmt, bench_llamacpu(files[fmt], args)))
-            print(f"llamacpu {fmt}: {rows[-1][2]}", file=sys.stderr)
-        if "llama.cpp" not in skip:
-            rows.append(("llama.cpp", fmt, bench_llama_cpp(files[fmt], args)))
-            print(f"llama.cpp {fmt}: {rows[-1][2]}", file=sys.stderr)
-    hf = None
-    if "transformers" not in skip:
-        hf = bench_transformers(files[formats[0]], args)
-        rows.append(("transformers", "fp32", hf))
+    rows = []
+    for size in sizes:
+        formats, prompt, gen = PLAN[size]
+        files = ensure(size, model=args.model)
+        for fmt in formats:
+            for engine in engines:
+                r = run_worker(engine, files[fmt], prompt, gen, args)
+                r.update(size=size, fmt=fmt, engine=engine, prompt=prompt, gen=gen,
+                         file_mb=files[fmt].stat().st_size / 2**20)
+                rows.append(r)
+                print(f"{size} {fmt} {engine}: {json.dumps({k: round(v, 2) for k, v in r.items() if isinstance(v, float)})}",
+                      file=sys.stderr, flush=True)
+        if size == "135m" and args.transformers:
+            r = run_worker("transformers", files[formats[0]], prompt, 32, args)
+            rows.append({**r, "size": size, "fmt": "f32", "engine": "transformers", "prompt": prompt, "gen": 32,
+                         "file_mb": 0.0})
 
-    peer = {fmt: r for name, fmt, r in rows if name == "llama.cpp"}
-    print(f"\nSmolLM2 bench: {args.threads} threads, prefill {args.prompt_tokens} tokens, "
-          f"decode {args.gen_tokens} tokens (transformers {args.hf_gen_tokens}), best of {args.repeats}")
-    head = f"{'engine':<13}{'format':<7}{'prefill t/s':>12}{'decode t/s':>11}{'pre/llama.cpp':>14}" \
-           f"{'dec/llama.cpp':>14}{'pre/hf':>8}{'dec/hf':>8}{'load s':>8}"
+    print()
+    print(cpu_line())
+    print(describe() + "; " + llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip())
+    print(blas_line())
+    print(f"{args.threads} threads, best of {args.repeats} runs after a warm-up (± sample sd of the runs); "
+          f"ratios are llamacpu / llama.cpp on the same file")
+    head = (f"{'size':<5}{'format':<7}{'engine':<13}{'prompt':>7}{'prefill t/s':>17}{'decode t/s':>16}"
+            f"{'pre ratio':>10}{'dec ratio':>10}{'peak RSS MB':>12}{'file MB':>9}{'load s':>8}")
     print(head)
     print("-" * len(head))
-    for name, fmt, r in rows:
-        p = peer.get(fmt)
-        ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "-")
-        hfr = (lambda k: f"{r[k] / hf[k]:.2f}x") if hf else (lambda k: "-")
-        print(f"{name:<13}{fmt:<7}{r['prefill']:>12.1f}{r['decode']:>11.1f}{ratio('prefill'):>14}"
-              f"{ratio('decode'):>14}{hfr('prefill'):>8}{hfr('decode'):>8}{r['load']:>8.2f}")
-    for name, fmt, r in rows:
-        if name == "llamacpu":
-            print(f"llamacpu {fmt}: first token {r['first']:.2f} s after a {r['load']:.2f} s load, "
-                  f"peak RSS {r['rss']:.0f} MB")
+    peer = {(r["size"], r["fmt"]): r for r in rows if r["engine"] == "llama.cpp"}
+    for r in rows:
+        p = peer.get((r["size"], r["fmt"]))
+        ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p and r["engine"] != "llama.cpp" else (lambda k: "")
+        has_prefill = r["prompt"] >= 64
+        pre = f"{r['prefill']:.1f} ±{r['prefill_sd']:.1f}" if has_prefill else "-"
+        dec = f"{r['decode']:.1f} ±{r['decode_sd']:.1f}"
+        print(f"{r['size']:<5}{r['fmt']:<7}{r['engine']:<13}{r['prompt']:>7}{pre:>17}{dec:>16}"
+              f"{ratio('prefill') if has_prefill else '':>10}{ratio('decode'):>10}"
+              f"{r['rss_mb']:>12.0f}{r['file_mb']:>9.0f}{r['load']:>8.2f}")
+    for r in rows:
+        if r["engine"] == "llamacpu" and r["size"] == "7b":
+            budget = r["file_mb"] + r["kv_mb"] + RSS_MARGIN_MB
+            verdict = "within" if r["rss_mb"] <= budget else "OVER"
+            print(f"llamacpu {r['size']} {r['fmt']}: peak RSS {r['rss_mb']:.0f} MB {verdict} file {r['file_mb']:.0f} "
+                  f"+ KV {r['kv_mb']:.0f} + {RSS_MARGIN_MB} = {budget:.0f} MB")
+    print("(prefill is not reported for prompts under 64 tokens: the 7b row measures decode and memory)")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_line(), "peer": describe(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ only: self-calibration samples its own text from the model.
 
     .venv/bin/python tools/check_llamacpp.py --quality [--chunks 4] [--ctx 512]
 
-`make` builds the llama.cpp peer portably without AMX (on this VM the CPU reports AMX but tile
-instructions raise SIGILL), so the default repacking is safe. Only for a native build with AMX,
---no-extra-bufts switches off llama.cpp's weight repacking ("extra buffer types"); repacking
-changes speed, not results.
+`make` builds the llama.cpp peer natively (GGML_NATIVE=ON), leaving out AMX where the CPU reports
+it (tile instructions raise SIGILL in this sandbox; see tools/llama_cpp_build.py), so the default
+repacking is safe. Only for a build that kept AMX, --no-extra-bufts switches off llama.cpp's
+weight repacking ("extra buffer types"); repacking changes speed, not results.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, check_tensors
 from ..config import ModelConfig
 from ..errors import LlamacpuError
+from ..pages import release
 from ..quant import BLOCK, QTensor, quantize
 
 # GGUF name → llamacpu name. `{i}` is the block index.
@@ -245,6 +246,8 @@ def _tensor(f: GGUFFile, t: TensorInfo, name: str, transcoded: dict[str, tuple[s
         except NotImplementedError:  # e.g. Q8_1, I8, I32, F64: not weight formats of a llama model
             raise LlamacpuError(f"{f.path}: tensor {t.name} has type {qtype.name}, which llamacpu cannot read") from None
     w = np.asarray(w, dtype=np.float32).reshape(shape)
+    if not np.may_share_memory(w, raw):  # copied to f32: the file's pages need not stay resident
+        release(raw)
     if dequantize or len(shape) == 1:
         return QTensor("f32", shape, np.ascontiguousarray(w))
     target = "q8_0" if shape[-1] % BLOCK == 0 else "f16"
