@@ -26,7 +26,6 @@ integer GEMM `kernels.linear_blocks`. f32/f16 weights use numpy's BLAS.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
