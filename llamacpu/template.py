@@ -27,6 +27,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import LlamacpuError, reason
+from .tokenizer import read_text_file
 
 
 class HostileTemplateError(LlamacpuError):
@@ -301,26 +302,17 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise LlamacpuError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise LlamacpuError(f"{path}: not valid UTF-8 (at byte {e.start})") from None
-
-
 def _hf_template_source(path: Path) -> str | None:
     if not path.is_dir():
         raise LlamacpuError(f"{path}: not a directory")
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
-        return _read_text(jinja_file)
+        return read_text_file(jinja_file)
     config_file = path / "tokenizer_config.json"
     if not config_file.is_file():
         return None
     try:
-        config = json.loads(_read_text(config_file))
+        config = json.loads(read_text_file(config_file))
     except (json.JSONDecodeError, RecursionError) as e:
         raise LlamacpuError(f"{config_file}: invalid JSON ({_one_line(e) or 'nested too deeply'})") from None
     template = config.get("chat_template") if isinstance(config, dict) else None

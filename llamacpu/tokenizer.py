@@ -166,7 +166,7 @@ class Tokenizer:
             raise LlamacpuError(f"{path}: not a directory")
         cfg = _HfConfig(path)
         if (path / "tokenizer.json").is_file():
-            text = _read_text(path / "tokenizer.json")
+            text = read_text_file(path / "tokenizer.json")
             return cls._from_tokenizer_json(text, gguf=None, hf_config=cfg)
         if (path / "tokenizer.model").is_file():
             try:
@@ -805,7 +805,8 @@ class _HfConfig:
         return ids
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 file's text (tokenizer.json, a chat template); one-line errors for unreadable or invalid files."""
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
@@ -818,7 +819,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        value = json.loads(_read_text(path))
+        value = json.loads(read_text_file(path))
     except (json.JSONDecodeError, RecursionError) as e:
         raise LlamacpuError(f"{path}: invalid JSON ({(str(e).splitlines() or ['nested too deeply'])[0]})") from None
     return value if isinstance(value, dict) else {}
