@@ -223,7 +223,9 @@ class ModelConfig:
             return value
 
         def integer(key: str, default: Any = None) -> int:
-            return _gguf_int(get(key, default), f"{arch}.{key}")
+            # llama.cpp reads only these as "one value or one per layer"; the rest are scalars
+            per_layer = key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+            return _gguf_int(get(key, default), f"{arch}.{key}", per_layer=per_layer)
 
         def real(key: str, default: Any = None, *, allow_zero: bool = False) -> float:
             return _number(get(key, default), f"{arch}.{key}", allow_zero=allow_zero)
@@ -468,8 +470,10 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
-def _gguf_int(value: Any, name: str) -> int:
-    """A GGUF integer; a per-layer array is accepted when every layer has the same value."""
+def _gguf_int(value: Any, name: str, *, per_layer: bool = False) -> int:
+    """A GGUF integer; for a `per_layer` key, an array is accepted when every layer has the same value."""
+    if isinstance(value, (list, np.ndarray)) and not per_layer:
+        raise LlamacpuError(f"GGUF {name} must be an integer, got an array")
     if isinstance(value, (list, np.ndarray)):
         arr = np.asarray(value).reshape(-1)
         if arr.dtype.kind not in "iu":

@@ -271,6 +271,9 @@ def _gguf(**changes):
     (dict(feed_forward_length="1536"), "must be an integer"),
     (dict(feed_forward_length=["1536"]), "must be an integer"),
     (dict(context_length=None), "lacks llama.context_length"),
+    # only head counts and the FFN width may come one per layer (fuzz: block_count = [2, 2] ran)
+    (dict(block_count=np.array([30, 30], dtype=np.int32)), "block_count must be an integer, got an array"),
+    (dict(embedding_length=np.array([576] * 30, dtype=np.int32)), "must be an integer, got an array"),
 ])
 def test_gguf_keys_that_change_the_math_are_read_or_refused(changes, match):
     with pytest.raises(LlamacpuError, match=match):
