@@ -242,9 +242,28 @@ def _resolve(model: str | None) -> Path:
     return resolve_model(model, notify=_say)
 
 
+def _start_worker_threads() -> None:
+    """Start the BLAS's and Numba's worker threads with Ctrl-C, SIGTERM and SIGHUP blocked, so that
+    they inherit the block and those signals always reach the main thread. A signal that lands on
+    a worker instead is noticed by Python only when the main thread next runs, which never
+    happens while it sleeps in readline waiting at the chat prompt. Signals that arrive meanwhile
+    stay pending and are delivered when the block is lifted."""
+    blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        import numpy  # noqa: F401  (OpenBLAS starts its threads as it loads)
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()  # Numba's pool, otherwise started by the first parallel kernel
+    except (ImportError, AttributeError):  # another numba: its pool starts later, unblocked
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
           act_bits: int = 16, adaptive_threads: bool = False):
     """Open MODEL: a name, a path, or the default model."""
+    _start_worker_threads()
     from .runtime import open_model
     if threads is not None and threads < 1:
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
