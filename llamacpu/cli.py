@@ -47,7 +47,7 @@ from rich.table import Table  # noqa: E402
 
 
 from .errors import LlamacpuError, is_rust_panic, reason  # noqa: E402
-from .jobs import REQUEST_KEYS, context_size, resolve_seed, run_request, start_request  # noqa: E402
+from .jobs import context_size, resolve_seed, run_request, start_request  # noqa: E402
 from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS  # noqa: E402
 from .sampling import DEFAULTS as SAMPLING_DEFAULTS  # noqa: E402
 

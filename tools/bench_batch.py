@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from llama_cpp_build import cpu_name  # tools/ is on the path when run as a script
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Say hello politely.",
            "Name a fruit and describe it.", "What is the sun?", "Count to ten.", "Name a planet and a moon."]
@@ -25,16 +26,6 @@ PROMPTS = ["What is the capital of France?", "Name three colours.", "Why is the 
 def llamacpu() -> list[str]:
     exe = Path(sys.executable).with_name("llamacpu")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "llamacpu.cli"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(cmd: list[str], stdin: str | None = None) -> tuple[float, str, str]:

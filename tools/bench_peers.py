@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -136,18 +135,8 @@ def run_worker(engine: str, path: Path, prompt: int, gen: int, args) -> dict:
 
 # ---- the machine and the peer, written beside every figure ------------------------------------
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_line() -> str:
-    from llama_cpp_build import cpu_flags
+    from llama_cpp_build import cpu_flags, cpu_name
     flags = cpu_flags()
     shown = [f for f in ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
     return f"CPU: {cpu_name()}, {os.cpu_count()} cores ({', '.join(shown) or 'no AVX2'})"

@@ -19,12 +19,24 @@ build does not). ggml's GGML_AMX_* options are read only when GGML_NATIVE is OFF
 from __future__ import annotations
 
 import argparse
+import platform
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 LAUNCHER = TOOLS / "cc_without_amx.sh"
 # /proc/cpuinfo flag → the gcc/clang option that turns the feature off
 FAULTING = {"amx_tile": "-mno-amx-tile", "amx_int8": "-mno-amx-int8", "amx_bf16": "-mno-amx-bf16"}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, written beside every figure the bench tools print."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
