@@ -43,7 +43,7 @@ import numpy as np
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import LlamacpuError
 from .loaders.gguf import SAMPLING_KEYS, to_gguf_name
-from .quant import BLOCK, BLOCK_BYTES, FORMATS, QTensor, quantize, storage_shape
+from .quant import BLOCK, BLOCK_FORMATS, QUANTIZABLE, QTensor, quantize, storage_shape
 from .sampling import INT_SETTINGS
 
 QUANT_VERSION = 2  # ggml's current block-format version, stored as general.quantization_version
@@ -92,8 +92,8 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
     import gguf
 
     t0 = time.perf_counter()
-    if quant not in FORMATS:
-        raise LlamacpuError(f"unknown quantization {quant!r}; choose one of {', '.join(FORMATS)}")
+    if quant not in QUANTIZABLE:
+        raise LlamacpuError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTIZABLE)}")
     src, out = Path(src), Path(out)
     if out.is_dir():
         raise LlamacpuError(f"{out} is a directory; give the output file's name")
@@ -118,7 +118,7 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
         for key, (value, vtype, sub_type) in meta.items():
             writer.add_key_value(key, value, vtype, sub_type)
         for p in plan:
-            if p.fmt in BLOCK_BYTES:
+            if p.fmt in BLOCK_FORMATS:
                 writer.add_tensor_info(p.gguf_name, storage_shape(p.fmt, p.shape), np.dtype(np.uint8),
                                        p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.fmt.upper()])
             else:
@@ -163,9 +163,9 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
-        if self.fmt in BLOCK_BYTES:
-            rows, cols = self.shape
-            return rows * cols // BLOCK * BLOCK_BYTES[self.fmt]
+        if self.fmt in BLOCK_FORMATS:
+            rows, cols = storage_shape(self.fmt, self.shape)
+            return rows * cols
         return int(np.prod(self.shape)) * (4 if self.fmt == "f32" else 2)
 
 
@@ -226,8 +226,8 @@ def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = False
     This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
     calibrate: as `convert_model`'s; off by default here, since it runs the model in f32 first.
     """
-    if quant not in FORMATS:
-        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(FORMATS)}")
+    if quant not in QUANTIZABLE:
+        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(QUANTIZABLE)}")
     plan, _ = _plan(ckpt, quant, calibrate)
     return replace(ckpt, tensors={p.name: p.make() for p in plan},
                    kept_f16=ckpt.kept_f16 + tuple(p.name for p in plan if p.fallback))

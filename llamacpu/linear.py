@@ -33,8 +33,9 @@ import numpy as np
 from . import kernels
 from .errors import LlamacpuError
 from .pages import release
-from .quant import BLOCK, BLOCK_BYTES, FLOAT_DTYPES, QTensor
+from .quant import BLOCK, BLOCK_FORMATS, FLOAT_DTYPES, QTensor
 
+PACKABLE = ("q8_0", "q4_0", "q4_1")  # formats the kernels run
 FOUR_BIT = ("q4_0", "q4_1")
 RG = kernels.RG  # rows per group
 ACT_PLANES = {8: 1, 16: 2}  # act_bits → int8 planes per token (16 means the 15-bit split)
@@ -129,7 +130,7 @@ def _split(t: QTensor, bits: int, with_m: bool) -> tuple[np.ndarray, np.ndarray,
     """One ggml block matrix → (w, d, m or None) in the packed layout of `bits` (m if `with_m`)."""
     R, C = t.shape
     nb = C // BLOCK
-    b = t.data.reshape(R, nb, BLOCK_BYTES[t.fmt])  # (R, nb, block_bytes), a view of the mmap
+    b = t.data.reshape(R, nb, BLOCK_FORMATS[t.fmt].nbytes)  # (R, nb, block_bytes), a view of the mmap
     d = _f16_field(b, 0)
     if t.fmt == "q8_0":
         return b[..., 2:].reshape(R, C), d, (np.zeros_like(d) if with_m else None)
@@ -163,7 +164,7 @@ def pack_stack(groups: list[list[QTensor]]) -> PackedBlocks:
         if [t.shape for t in g] != [t.shape for t in first]:
             raise LlamacpuError("layers disagree on weight shapes")
         for t in g:
-            if t.fmt not in BLOCK_BYTES:
+            if t.fmt not in PACKABLE:
                 raise LlamacpuError(f"{t.fmt} weights cannot be packed into blocks")
             if t.cols != cols:
                 raise LlamacpuError("fused weights must share their input width")

@@ -26,8 +26,8 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import ACT_PLANES, Linear, PackedBlocks, pack, pack_stack
-from .quant import BLOCK_BYTES, QTensor, dequantize
+from .linear import ACT_PLANES, PACKABLE, Linear, PackedBlocks, pack, pack_stack
+from .quant import QTensor, dequantize
 from .threads import default_threads
 
 KV_DTYPES = (np.float32, np.float16)
@@ -181,7 +181,7 @@ class Model:
                    for i in range(c.num_hidden_layers)]
         matrices = [t[n] for t in layer_t for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
         self.decode_weights: DecodeWeights | None = None
-        if all(m.fmt in BLOCK_BYTES for m in matrices + [output]):
+        if all(m.fmt in PACKABLE for m in matrices + [output]):
             self._build_packed(layer_t, output)
         else:  # some dense (f32/f16) weights: the layer loop for every token
             self.output = self._linear([output])
@@ -195,7 +195,7 @@ class Model:
     def _linear(self, group: list[QTensor]) -> Linear:
         """One Linear for matrices of the same input, rows concatenated: packed if they are all
         block-quantized, else dense (f16 if they all are, else f32; block members dequantized)."""
-        if all(t.fmt in BLOCK_BYTES for t in group):
+        if all(t.fmt in PACKABLE for t in group):
             return Linear(pack_stack([group])[0], self.threads, self.act_bits)
         if len(group) == 1:
             return Linear(group[0], self.threads, self.act_bits)

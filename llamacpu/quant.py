@@ -1,14 +1,32 @@
 """Quantized tensors: ggml's block formats as a small value type, with quantize and dequantize.
 
-Every format stores a matrix row by row; a quantized row is a run of 32-weight blocks,
-byte-identical to ggml (`ggml-common.h`), so a GGUF tensor is used straight from the mmap:
+Every format stores a matrix row by row; a quantized row is a run of blocks, byte-identical to
+ggml (`ggml-common.h`), so a GGUF tensor is used straight from the mmap. `BLOCK_FORMATS` is the
+one description of each layout: weights per block, bytes, sub-blocks, and where every field
+lives. Dequantizing, the kernels' packer (`linear`), and the converter's size planner read it.
 
-    Q8_0  34 bytes: f16 d, 32 x int8 q                   w = d * q
-    Q4_0  18 bytes: f16 d, 16 bytes of nibbles            w = d * (q - 8)
-    Q4_1  20 bytes: f16 d, f16 m, 16 bytes of nibbles     w = d * q + m
+    Q8_0    34 bytes / 32:  f16 d, int8 qs[32]                            w = d q
+    Q4_0    18 bytes / 32:  f16 d, qs[16] nibbles                         w = d (q - 8)
+    Q4_1    20 bytes / 32:  f16 d, f16 m, qs[16]                          w = d q + m
+    Q5_0    22 bytes / 32:  f16 d, qh[4] fifth bits, qs[16]               w = d (q - 16)
+    Q5_1    24 bytes / 32:  f16 d, f16 m, qh[4], qs[16]                   w = d q + m
+    Q4_K   144 bytes / 256: f16 d, f16 dmin, scales[12], qs[128]          w = d sc_j q - dmin m_j
+    Q5_K   176 bytes / 256: f16 d, f16 dmin, scales[12], qh[32], qs[128]  w = d sc_j q - dmin m_j
+    Q6_K   210 bytes / 256: ql[128], qh[64], int8 scales[16], f16 d       w = d sc_j (q - 32)
 
-Nibble order (Q4_0, Q4_1): byte j of a block holds element j in its low nibble and
-element j + 16 in its high nibble. This is the only place that order is written down.
+Bit order, the only place it is written down:
+- Q4_0/Q4_1/Q5_0/Q5_1: byte j of qs holds element j in its low nibble and element j + 16 in its
+  high nibble; the fifth bit of element i is bit i of qh read as a little-endian uint32.
+- Q4_K/Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes: for j < 4,
+  sc_j = scales[j] & 63 and m_j = scales[j+4] & 63; for j >= 4, the low 4 bits come from
+  scales[j+4] (sc low nibble, m high nibble) and the top 2 from bits 6-7 of scales[j-4]
+  (sc) and scales[j] (m). qs is 4 runs of 32 bytes: run c holds sub-block 2c in its low
+  nibbles and sub-block 2c+1 in its high nibbles. Q5_K's fifth bit of element l of
+  sub-block j is bit j of qh[l].
+- Q6_K: 16 sub-blocks of 16, one int8 scale each. Each half (128 weights) takes 64 bytes of ql
+  and 32 of qh; its four quarters of 32 are the low nibbles of ql[0:32], of ql[32:64], then the
+  high nibbles of ql[0:32], of ql[32:64], and quarter k's top two bits are bits 2k, 2k+1 of
+  qh[l].
 
 How scales are chosen. Q8_0 uses ggml's reference rule (d = amax/127, round half away from
 zero), bit for bit, so files match llama.cpp's. The 4-bit formats search, per block, for the
@@ -23,16 +41,68 @@ text the model samples itself, `convert.input_importance` estimates it from the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import LlamacpuError
 
-BLOCK = 32  # weights per block, for every quantized format here
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """One ggml block format. Every field is (byte offset, byte length) within a block."""
+
+    name: str
+    weights: int  # weights per block: 32, or QK_K = 256 for the K-quants
+    nbytes: int  # bytes per block
+    sub: int  # weights per scale (a sub-block); == weights for the 32-weight formats
+    bits: int  # bits per quant
+    center: int  # stored quants are unsigned q; the value is q - center (0 for formats with a min)
+    fields: tuple[tuple[str, int, int], ...]  # (name, offset, length), in storage order
+
+    def __post_init__(self) -> None:
+        end = 0
+        for _, offset, length in self.fields:  # contiguous, in order, filling the block
+            assert offset == end, self
+            end = offset + length
+        assert end == self.nbytes and self.weights % self.sub == 0, self
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.weights
+
+    @property
+    def n_sub(self) -> int:
+        return self.weights // self.sub
+
+    @property
+    def has_min(self) -> bool:
+        return any(name in ("m", "dmin") for name, _, _ in self.fields)
+
+    def field(self, blocks: np.ndarray, name: str) -> np.ndarray:
+        """(..., nbytes) uint8 blocks → the bytes of field `name`, (..., length) (a view)."""
+        for fname, offset, length in self.fields:
+            if fname == name:
+                return blocks[..., offset:offset + length]
+        raise KeyError(f"{self.name} has no field {name!r}")
+
+
+QK_K = 256
+BLOCK_FORMATS = {f.name: f for f in (
+    BlockFormat("q8_0", 32, 34, 32, 8, 0, (("d", 0, 2), ("qs", 2, 32))),
+    BlockFormat("q4_0", 32, 18, 32, 4, 8, (("d", 0, 2), ("qs", 2, 16))),
+    BlockFormat("q4_1", 32, 20, 32, 4, 0, (("d", 0, 2), ("m", 2, 2), ("qs", 4, 16))),
+    BlockFormat("q5_0", 32, 22, 32, 5, 16, (("d", 0, 2), ("qh", 2, 4), ("qs", 6, 16))),
+    BlockFormat("q5_1", 32, 24, 32, 5, 0, (("d", 0, 2), ("m", 2, 2), ("qh", 4, 4), ("qs", 8, 16))),
+    BlockFormat("q4_k", QK_K, 144, 32, 4, 0, (("d", 0, 2), ("dmin", 2, 2), ("scales", 4, 12), ("qs", 16, 128))),
+    BlockFormat("q5_k", QK_K, 176, 32, 5, 0,
+                (("d", 0, 2), ("dmin", 2, 2), ("scales", 4, 12), ("qh", 16, 32), ("qs", 48, 128))),
+    BlockFormat("q6_k", QK_K, 210, 16, 6, 32, (("ql", 0, 128), ("qh", 128, 64), ("scales", 192, 16), ("d", 208, 2))),
+)}
+BLOCK = 32  # weights per block of the 32-weight formats, and per row unit of every format here
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
-FORMATS = ("f32", "f16", *BLOCK_BYTES)
-BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, **{f: 8.0 * b / BLOCK for f, b in BLOCK_BYTES.items()}}
+FORMATS = ("f32", "f16", *BLOCK_FORMATS)
+BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, **{n: f.bits_per_weight for n, f in BLOCK_FORMATS.items()}}
 
 # Blocks quantized per step: keeps each (chunk, 32) temporary near L2-cache size.
 _CHUNK_BLOCKS = 4096
@@ -80,17 +150,12 @@ def storage_shape(fmt: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of `QTensor.data` for a logical `shape` in `fmt`; raises on impossible ones."""
     if fmt in FLOAT_DTYPES:
         return tuple(shape)
-    if fmt not in BLOCK_BYTES:
+    if fmt not in BLOCK_FORMATS:
         raise LlamacpuError(f"unknown tensor format {fmt!r}; known: {', '.join(FORMATS)}")
-    if len(shape) != 2 or shape[1] % BLOCK:
-        raise LlamacpuError(f"{fmt} needs a matrix whose rows are a multiple of {BLOCK}, got {shape}")
-    return (shape[0], shape[1] // BLOCK * BLOCK_BYTES[fmt])
-
-
-def _blocks(data: np.ndarray, fmt: str) -> np.ndarray:
-    """View raw rows as (rows, n_blocks, block_bytes)."""
-    rows = data.shape[0]
-    return data.reshape(rows, -1, BLOCK_BYTES[fmt])
+    bf = BLOCK_FORMATS[fmt]
+    if len(shape) != 2 or shape[1] % bf.weights:
+        raise LlamacpuError(f"{fmt} needs a matrix whose rows are a multiple of {bf.weights}, got {shape}")
+    return (shape[0], shape[1] // bf.weights * bf.nbytes)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -109,24 +174,70 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     return q[..., :16] | (q[..., 16:] << 4)
 
 
+def k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 packed bytes (..., 12) → 6-bit (sc, m), each (..., 8) uint8."""
+    lo, mid, hi = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    m = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+class Unpacked(NamedTuple):
+    """Blocks in element order: w = scale q + offset, per sub-block.
+
+    q: (n, weights) int8 (q - center, for formats without a min) or uint8 (formats with one);
+    scale: (n, n_sub) f32, exact (an f16 times a small integer); offset: (n, n_sub) f32 or None."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray | None
+
+
+def unpack(fmt: str, blocks: np.ndarray) -> Unpacked:
+    """(n, nbytes) uint8 blocks of `fmt` → their quants, scales and offsets (`Unpacked`)."""
+    bf = BLOCK_FORMATS[fmt]
+    n = blocks.shape[0]
+    get = lambda name: bf.field(blocks, name)  # noqa: E731
+    if bf.weights == BLOCK:  # the 32-weight formats: one scale (and min) per block
+        q = get("qs").view(np.int8) if fmt == "q8_0" else _unpack_nibbles(get("qs"))
+        if bf.bits == 5:
+            q = q | (np.unpackbits(get("qh"), axis=-1, bitorder="little") << 4)
+        scale = _f16(get("d"))[:, None]
+        offset = _f16(get("m"))[:, None] if bf.has_min else None
+    elif fmt in ("q4_k", "q5_k"):
+        qs = get("qs").reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]  # (n, run, lo/hi, 32)
+        q = (qs & 0x0F).reshape(n, 8, 32)
+        if fmt == "q5_k":
+            q = q | (((get("qh")[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4)
+        sc, m = k_scales_mins(get("scales"))
+        scale = _f16(get("d"))[:, None] * sc.astype(np.float32)
+        offset = -(_f16(get("dmin"))[:, None] * m.astype(np.float32))
+    else:  # q6_k
+        ql = get("ql").reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]  # (n, half, lo/hi, 64)
+        ql = (ql & 0x0F).reshape(n, 2, 4, 32)
+        qh = (get("qh").reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+        q = ql | (qh << 4)
+        scale = _f16(get("d"))[:, None] * get("scales").view(np.int8).astype(np.float32)
+        offset = None
+    q = q.reshape(n, bf.weights)
+    if bf.center:
+        q = (q.astype(np.int16) - bf.center).astype(np.int8)
+    return Unpacked(q, scale, offset)
+
+
 def dequantize(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Raw storage of a tensor in `fmt` → float32 array of the logical `shape`."""
     if fmt in FLOAT_DTYPES:
         return np.asarray(data, dtype=np.float32).reshape(shape)
-    b = _blocks(data, fmt)  # (rows, nb, bytes)
-    if fmt == "q8_0":
-        d = _f16(b[..., 0:2])
-        q = b[..., 2:].view(np.int8).astype(np.float32)
-        w = d[..., None] * q
-    elif fmt == "q4_0":
-        d = _f16(b[..., 0:2])
-        q = _unpack_nibbles(b[..., 2:]).astype(np.float32) - 8.0
-        w = d[..., None] * q
-    else:  # q4_1
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        q = _unpack_nibbles(b[..., 4:]).astype(np.float32)
-        w = d[..., None] * q + m[..., None]
+    bf = BLOCK_FORMATS[fmt]
+    u = unpack(fmt, np.asarray(data).reshape(-1, bf.nbytes))
+    w = u.scale[..., None] * u.q.reshape(len(u.q), bf.n_sub, bf.sub).astype(np.float32)  # (n, n_sub, sub)
+    if u.offset is not None:
+        w = w + u.offset[..., None]
     return w.reshape(shape)
+
+
+QUANTIZABLE = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # formats `quantize` writes
 
 
 def quantize(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> QTensor:
@@ -140,6 +251,8 @@ def quantize(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> Q
     if fmt in FLOAT_DTYPES:
         return QTensor(fmt, tuple(w.shape), np.ascontiguousarray(w.astype(FLOAT_DTYPES[fmt])))
     shape = tuple(w.shape)
+    if fmt not in QUANTIZABLE:
+        raise LlamacpuError(f"cannot quantize to {fmt}; llamacpu writes {', '.join(QUANTIZABLE)}")
     storage_shape(fmt, shape)  # validates
     if not np.isfinite(w).all():
         raise LlamacpuError(f"cannot quantize a tensor of shape {shape} holding NaN or infinity")
@@ -151,13 +264,13 @@ def quantize(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> Q
         if (imp < 0).any() or not np.isfinite(imp).all():
             raise LlamacpuError("quantization importance must be finite and non-negative")
         a = np.broadcast_to(imp, shape).reshape(rows * nb, BLOCK)
-    out = np.empty((rows * nb, BLOCK_BYTES[fmt]), dtype=np.uint8)  # (blocks, block_bytes)
+    out = np.empty((rows * nb, BLOCK_FORMATS[fmt].nbytes), dtype=np.uint8)  # (blocks, block_bytes)
     kernel = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1}[fmt]
     for s in range(0, rows * nb, _CHUNK_BLOCKS):
         e = min(s + _CHUNK_BLOCKS, rows * nb)
         xa = None if a is None else np.ascontiguousarray(a[s:e])
         out[s:e] = np.concatenate(kernel(x[s:e], xa), axis=-1)
-    return QTensor(fmt, shape, out.reshape(rows, nb * BLOCK_BYTES[fmt]))
+    return QTensor(fmt, shape, out.reshape(rows, nb * BLOCK_FORMATS[fmt].nbytes))
 
 
 # ---- helpers ------------------------------------------------------------------------------

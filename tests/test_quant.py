@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from llamacpu.errors import LlamacpuError
-from llamacpu.quant import BITS_PER_WEIGHT, BLOCK, BLOCK_BYTES, FORMATS, QTensor, dequantize, quantize
+from llamacpu.quant import (BITS_PER_WEIGHT, BLOCK, BLOCK_FORMATS, FORMATS, QUANTIZABLE, QTensor, dequantize, quantize,
+                            storage_shape, unpack)
 
-GG = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-      "q4_1": gguf.GGMLQuantizationType.Q4_1}
+GG = {f: gguf.GGMLQuantizationType[f.upper()] for f in BLOCK_FORMATS}
+BLOCKED = tuple(BLOCK_FORMATS)
 
 
 def weights(rows=64, cols=256, seed=0):
@@ -22,18 +23,40 @@ def weights(rows=64, cols=256, seed=0):
 
 
 def random_blocks(fmt, rows, nb, seed=1):
-    """Random storage with finite f16 scales, for layout tests."""
+    """Random storage with finite f16 scales (every f16 field of the format), for layout tests."""
     rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows, nb, BLOCK_BYTES[fmt]), dtype=np.uint8)
-    n_scales = 2 if fmt == "q4_1" else 1
-    scales = rng.uniform(-0.05, 0.05, size=(rows, nb, n_scales)).astype(np.float16)
-    raw[..., :2 * n_scales] = scales.view(np.uint8).reshape(rows, nb, 2 * n_scales)
+    bf = BLOCK_FORMATS[fmt]
+    raw = rng.integers(0, 256, size=(rows, nb, bf.nbytes), dtype=np.uint8)
+    for name in ("d", "m", "dmin"):
+        if any(f[0] == name for f in bf.fields):
+            scales = rng.uniform(-0.05, 0.05, size=(rows, nb)).astype(np.float16)
+            bf.field(raw, name)[:] = scales[..., None].view(np.uint8)
     return raw.reshape(rows, -1)
 
 
 def test_format_tables():
-    assert FORMATS == ("f32", "f16", "q8_0", "q4_0", "q4_1")
-    assert BITS_PER_WEIGHT == {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
+    assert FORMATS == ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+    assert BITS_PER_WEIGHT == {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5,
+                               "q5_1": 6.0, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+    for fmt, bf in BLOCK_FORMATS.items():  # ggml's own table (gguf-py) agrees on every size
+        assert gguf.GGML_QUANT_SIZES[GG[fmt]] == (bf.weights, bf.nbytes), fmt
+        assert storage_shape(fmt, (3, 2 * bf.weights)) == (3, 2 * bf.nbytes)
+    with pytest.raises(LlamacpuError, match="multiple of 256"):
+        storage_shape("q4_k", (3, 576))
+
+
+def test_k_scale_packing_hand_built_block():
+    # Q4_K: d = 1, dmin = 0.5; sub-block j gets sc = j + 1 and m = 60 - j, packed by the 6-bit rule
+    # (top two bits of sc_4..7 / m_4..7 in bits 6-7 of bytes 0..3 / 4..7), all quants 3.
+    sc, m = np.arange(1, 9), 60 - np.arange(8)
+    scales = np.zeros(12, np.uint8)
+    scales[0:4] = sc[:4] | ((sc[4:] >> 4) << 6)
+    scales[4:8] = m[:4] | ((m[4:] >> 4) << 6)
+    scales[8:12] = (sc[4:] & 15) | ((m[4:] & 15) << 4)
+    block = np.concatenate([np.array([1.0, 0.5], np.float16).view(np.uint8), scales,
+                            np.full(128, 0x33, np.uint8)])[None, :]
+    w = dequantize("q4_k", block, (1, 256)).reshape(8, 32)
+    np.testing.assert_array_equal(w, (3.0 * sc - 0.5 * m)[:, None] * np.ones(32))
 
 
 def test_nibble_order_hand_built_block():
@@ -50,13 +73,31 @@ def test_nibble_order_hand_built_block():
     np.testing.assert_array_equal(w, np.concatenate([lo, hi]).astype(np.float32) - 2)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", BLOCKED)
 def test_dequantize_matches_gguf_bit_for_bit(fmt):
+    bf = BLOCK_FORMATS[fmt]
     raw = random_blocks(fmt, rows=8, nb=5)
-    ours = dequantize(fmt, raw, (8, 5 * BLOCK))
-    theirs = gguf.quants.dequantize(raw, GG[fmt]).reshape(8, 5 * BLOCK)
+    ours = dequantize(fmt, raw, (8, 5 * bf.weights))
+    theirs = gguf.quants.dequantize(raw, GG[fmt]).reshape(8, 5 * bf.weights)
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("fmt", BLOCKED)
+def test_unpack_ranges(fmt):
+    # The quants `unpack` hands the packer fit the format's bits, centred where there is no min.
+    bf = BLOCK_FORMATS[fmt]
+    u = unpack(fmt, random_blocks(fmt, rows=4, nb=3).reshape(-1, bf.nbytes))
+    assert u.q.shape == (12, bf.weights) and u.scale.shape == (12, bf.n_sub)
+    lo, hi = (-(1 << (bf.bits - 1)), (1 << (bf.bits - 1)) - 1) if bf.center or fmt == "q8_0" else (0, (1 << bf.bits) - 1)
+    assert lo <= int(u.q.min()) and int(u.q.max()) <= hi and int(u.q.max()) >= hi - 2
+    assert (u.offset is None) == (not bf.has_min)
+
+
+@pytest.mark.parametrize("fmt", [f for f in BLOCKED if f not in QUANTIZABLE])
+def test_quantize_refuses_formats_it_cannot_write(fmt):
+    with pytest.raises(LlamacpuError, match=f"cannot quantize to {fmt}"):
+        quantize(weights(), fmt)
 
 
 def test_q8_0_quantize_matches_gguf_bit_for_bit():
@@ -125,8 +166,8 @@ def test_degenerate_blocks(fmt):
 def test_bad_input_raises():
     with pytest.raises(LlamacpuError, match="multiple of 32"):
         quantize(np.zeros((4, 40), np.float32), "q8_0")
-    with pytest.raises(LlamacpuError, match="unknown tensor format"):
-        quantize(np.zeros((4, 32), np.float32), "q5_0")
+    with pytest.raises(LlamacpuError, match="cannot quantize to q3_k"):
+        quantize(np.zeros((4, 32), np.float32), "q3_k")
     w = np.zeros((4, 32), np.float32)
     w[1, 2] = np.nan
     with pytest.raises(LlamacpuError, match="NaN"):
