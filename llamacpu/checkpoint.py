@@ -104,7 +104,8 @@ class Checkpoint:
         if self.transcoded:  # one line for the whole file, e.g. "transcoded at load: 168 × Q6_K→q8_0"
             kinds = [f"{a}→{b}" for a, b in self.transcoded.values()]
             counts = {k: kinds.count(k) for k in sorted(set(kinds))}
-            out.append("transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
+            out.append("transcoded at load (the kernels run Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K natively; "
+                       "`llamacpu convert` "
                        "does it once): " + ", ".join(f"{n} × {k}" for k, n in counts.items()))
         from .quant import BLOCK
         out += [f"{name}: row length {self.tensors[name].shape[-1]} is not a multiple of {BLOCK}; kept as f16"

@@ -454,7 +454,331 @@ def _make_tiles_dispatch():
     return run
 
 
-run_tile = _make_tiles_dispatch()
+_run_tile_32 = _make_tiles_dispatch()
+
+
+# ---------------------------------------------------------------------------
+# K-quant tiles (ggml's Q4_K, Q5_K, Q6_K, run as stored: no requantization).
+#
+# A K-quant super-block is 256 weights = 8 of our 32-weight blocks. Its scales are integers per
+# sub-block times an f16 per super-block, so the tile multiplies the sub-scales into the int32
+# dot products and applies the f16 super-scale in f32: the weights are used exactly (d sc is an
+# f16 times a 6- or 8-bit integer, up to 19 significant bits, which an f16 per block could not hold).
+# The weight tuple is (w, d, m, s, kind), `kind` in KQ_KINDS taking the place of `bits`:
+#
+#   w (G, nb, 256 | 320 | 384) uint8: per block, 16 rows' unsigned quants in planes: 256 bytes of
+#       low nibbles exactly as the 4-bit layout (elements 0..15 low, 16..31 high), then for 5-bit
+#       quants 64 bytes holding bit 4 (byte 4r + j, bit k: element 4k + j of row r), for 6-bit
+#       quants 2 x 64 bytes holding bits 4-5 (plane p, byte 4r + j, bits 2i..2i+1: element
+#       4 (4p + i) + j). Each 64-byte run is one vector of 16 rows x 4 quants, like the nibbles.
+#   d (G, nsb, 16 | 32) f16 bits per super-block (nsb = nb / 8) and row: d, then dmin if the
+#       kind has mins (nsb, 32).
+#   s (G, nb, 16) int16 per block and row, two bytes: K_MIN: (sc, m) unsigned 6-bit;
+#       K_CENTER, K_GENERAL: the int8 scales of the block's two halves of 16 (sc0, sc1).
+#   m (G, nb, 16) uint16, K_GENERAL only (else (G, nb, 0)): int8 mins of the two halves (mn0, mn1).
+#
+# With S_h = sum over half h of q x (int32, q unsigned) and X_h = sum of x's quants over it:
+#   K_MIN     (Q4_K, Q5_K)  w = d sc q - dmin m:       d xd sc (S_0 + S_1) - dmin m xs
+#   K_CENTER  (Q6_K)        w = d sc_h (q - 32):       d xd sum_h sc_h (S_h - 32 X_h)
+#   K_GENERAL (Q6_K fused with Q4_K/Q5_K rows; a Q6_K row has dmin = 32 d and mn_h = sc_h)
+#                           w = d sc_h q - dmin mn_h:  xd (d sum_h sc_h S_h - dmin sum_h mn_h X_h)
+# The integer sums are exact (|sc_h S_h| < 2^24 for K_CENTER; K_GENERAL's may pass 2^24 and
+# then rounds once, like any f32 sum). Weights are the unsigned operand of the u8 x s8 products
+# (vpdpbusd / vpmaddubsw: 63 * 127 * 2 fits int16), activations the signed one.
+
+K_MIN, K_CENTER, K_GENERAL = 0, 1, 2
+KQ_KINDS = {20: (4, K_MIN), 21: (5, K_MIN), 22: (6, K_CENTER), 23: (6, K_GENERAL)}  # kind → (quant bits, form)
+KQ4, KQ5, KQ6, KQG = 20, 21, 22, 23
+KQ_BYTES = {4: 256, 5: 320, 6: 384}  # w bytes per block and row group, by quant bits
+
+
+def _ktile_codegen(isa, qbits, form, tb, planes):
+    """IR of one K-quant tile: row group g x `tb` activation rows t0.. (see the section above)."""
+    V = _lanes_of(isa)
+    halves = RG // V
+    gbytes = KQ_BYTES[qbits]
+    dstride = 16 if form == K_CENTER else 32
+    f32v, i32v, i8v = _vec(ir.FloatType(), V), _vec(_I32, V), _vec(ir.IntType(8), 4 * V)
+    i16v, halfv = _vec(ir.IntType(16), V), _vec(ir.HalfType(), V)
+    i8x16, i32x16 = _vec(ir.IntType(8), 16), _vec(_I32, 16)
+
+    def codegen(context, builder, signature, args):
+        A = signature.args
+        w_a, d_a, m_a, s_a, xq_a, xu_a, xd_a, xs_a, y_a, g, t0, nb = args
+        g = builder.sext(g, _I64) if g.type.width < 64 else g
+        t0 = builder.sext(t0, _I64) if t0.type.width < 64 else t0
+        nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
+        wp = _ptr(context, builder, A[0], w_a, ir.IntType(8))
+        dp = _ptr(context, builder, A[1], d_a, ir.IntType(16))
+        mp = _ptr(context, builder, A[2], m_a, ir.IntType(16))
+        sp = _ptr(context, builder, A[3], s_a, ir.IntType(16))
+        xqp = _ptr(context, builder, A[4], xq_a, ir.IntType(8))
+        xdp = _ptr(context, builder, A[6], xd_a, ir.FloatType())
+        xsp = _ptr(context, builder, A[7], xs_a, ir.FloatType())
+        y_arr = context.make_array(A[8])(context, builder, y_a)
+        yp = builder.bitcast(y_arr.data, ir.FloatType().as_pointer())
+        ldy = cgutils.unpack_tuple(builder, y_arr.shape, 2)[1]
+        C = builder.mul(nb, ir.Constant(_I64, BLOCK))
+        nsb = builder.udiv(nb, ir.Constant(_I64, 8))
+        c = lambda v, t=_I64: ir.Constant(t, v)  # noqa: E731
+        if isa == "avx512vnni":
+            dpbusd = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", i32v, [i32v, i32v, i32v])
+        else:
+            maddubs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
+            maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+            ones = ir.Constant(_I16x16, [1] * 16)
+        fma_fn = _x86(builder, f"llvm.fma.v{V}f32", f32v, [f32v, f32v, f32v])
+        reduce_add = _x86(builder, "llvm.vector.reduce.add.v16i32", _I32, [i32x16])
+
+        def fma(a, b_, c_):
+            return builder.call(fma_fn, [a, b_, c_])
+
+        def i8const(v):
+            return ir.Constant(i8v, [v] * (4 * V))
+
+        def shift_to_bit4(v, bit):  # move bit `bit` of every byte to bit 4 (the others are masked after)
+            if bit < 4:
+                return builder.shl(v, i8const(4 - bit))
+            return builder.lshr(v, i8const(bit - 4)) if bit > 4 else v
+
+        def halfvec(ptr, idx):
+            return builder.fpext(builder.load(builder.bitcast(builder.gep(ptr, [idx]), halfv.as_pointer()), align=2),
+                                 f32v)
+
+        def bytes_of(v16, signed):  # <V x i16> → (low byte, high byte) as <V x i32>
+            lo = builder.trunc(v16, _vec(ir.IntType(8), V))
+            hi = builder.trunc(builder.lshr(v16, ir.Constant(i16v, [8] * V)), _vec(ir.IntType(8), V))
+            ext = builder.sext if signed else builder.zext
+            return ext(lo, i32v), ext(hi, i32v)
+
+        zero_f = ir.Constant(f32v, [0.0] * V)
+        zero_i = ir.Constant(i32v, [0] * V)
+        acc = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(tb)] for _ in range(halves)]
+        xrow0 = builder.mul(t0, C)
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            blk = builder.add(builder.mul(g, nb), b)  # block index in the (G, nb) grid
+            wbase = builder.gep(wp, [builder.mul(blk, c(gbytes))])
+            sbase = builder.mul(blk, c(RG))  # index of the block's 16 sub-scale pairs
+            dbase = builder.mul(builder.add(builder.mul(g, nsb), builder.udiv(b, c(8))), c(dstride))
+            xcol = builder.mul(b, c(BLOCK))
+            xwords, xsums = [], []  # per token: 8 int32 words of 4 quants; (X_0, X_1) if needed
+            for t in range(tb):
+                row = builder.add(xrow0, builder.add(builder.mul(c(t), C), xcol))
+                p32 = builder.bitcast(builder.gep(xqp, [row]), _I32.as_pointer())
+                xwords.append([builder.load(builder.gep(p32, [c(k)]), align=1) for k in range(8)])
+                if form != K_MIN:
+                    sums = []
+                    for h2 in range(2):
+                        v = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(row, c(16 * h2))]),
+                                                         i8x16.as_pointer()), align=1)
+                        sums.append(builder.call(reduce_add, [builder.sext(v, i32x16)]))
+                    xsums.append(sums)
+            for h in range(halves):
+                dv = halfvec(dp, builder.add(dbase, c(h * V)))
+                sv = builder.load(builder.bitcast(builder.gep(sp, [builder.add(sbase, c(h * V))]),
+                                                  i16v.as_pointer()), align=2)
+                if form == K_MIN:
+                    sc, mq = bytes_of(sv, False)
+                    dminm = builder.fmul(halfvec(dp, builder.add(dbase, c(16 + h * V))), builder.uitofp(mq, f32v))
+                else:
+                    sc0, sc1 = bytes_of(sv, True)
+                if form == K_GENERAL:
+                    mv = builder.load(builder.bitcast(builder.gep(mp, [builder.add(sbase, c(h * V))]),
+                                                      i16v.as_pointer()), align=2)
+                    mn0, mn1 = bytes_of(mv, True)
+                    dmin = halfvec(dp, builder.add(dbase, c(16 + h * V)))
+                # the quants: per k-group kg (elements 4kg..4kg+3), 4 of each of the V rows = one vector
+                wq = [None] * 8
+                for kg in range(4):
+                    v = builder.load(builder.bitcast(builder.gep(wbase, [c(kg * 64 + h * 4 * V)]), i8v.as_pointer()),
+                                     align=1)
+                    wq[kg] = builder.and_(v, i8const(15))
+                    wq[kg + 4] = builder.lshr(v, i8const(4))
+                if qbits == 5:
+                    hb = builder.load(builder.bitcast(builder.gep(wbase, [c(256 + h * 4 * V)]), i8v.as_pointer()),
+                                      align=1)
+                    for kg in range(8):
+                        wq[kg] = builder.or_(wq[kg], builder.and_(shift_to_bit4(hb, kg), i8const(0x10)))
+                elif qbits == 6:
+                    for p in range(2):
+                        hb = builder.load(builder.bitcast(builder.gep(wbase, [c(256 + p * 64 + h * 4 * V)]),
+                                                          i8v.as_pointer()), align=1)
+                        for i in range(4):
+                            kg = 4 * p + i
+                            wq[kg] = builder.or_(wq[kg], builder.and_(shift_to_bit4(hb, 2 * i), i8const(0x30)))
+                for t in range(tb):
+                    parts = [zero_i, zero_i]  # elements 0..15, 16..31
+                    for kg in range(8):
+                        xw = _splat(builder, xwords[t][kg], V)
+                        if isa == "avx512vnni":
+                            parts[kg // 4] = builder.call(dpbusd, [parts[kg // 4], builder.bitcast(wq[kg], i32v), xw])
+                        else:
+                            p16 = builder.call(maddubs, [wq[kg], builder.bitcast(xw, _I8x32)])
+                            parts[kg // 4] = builder.add(parts[kg // 4], builder.call(maddwd, [p16, ones]))
+                    xi = builder.add(builder.mul(builder.add(t0, c(t)), nb), b)
+                    xd = _splat(builder, builder.load(builder.gep(xdp, [xi])), V)
+                    a_ref = acc[h][t]
+                    cur = builder.load(a_ref)
+                    if form == K_MIN:
+                        S = builder.mul(builder.add(parts[0], parts[1]), sc)
+                        new = fma(builder.sitofp(S, f32v), builder.fmul(dv, xd), cur)
+                        xs_neg = _splat(builder, builder.fneg(builder.load(builder.gep(xsp, [xi]))), V)
+                        new = fma(dminm, xs_neg, new)
+                    elif form == K_CENTER:
+                        x32 = [_splat(builder, builder.mul(xsums[t][h2], c(32, _I32)), V) for h2 in range(2)]
+                        S = builder.add(builder.mul(builder.sub(parts[0], x32[0]), sc0),
+                                        builder.mul(builder.sub(parts[1], x32[1]), sc1))
+                        new = fma(builder.sitofp(S, f32v), builder.fmul(dv, xd), cur)
+                    else:
+                        S = builder.add(builder.mul(parts[0], sc0), builder.mul(parts[1], sc1))
+                        M = builder.add(builder.mul(_splat(builder, xsums[t][0], V), mn0),
+                                        builder.mul(_splat(builder, xsums[t][1], V), mn1))
+                        new = fma(builder.sitofp(S, f32v), builder.fmul(dv, xd), cur)
+                        new = fma(builder.sitofp(M, f32v), builder.fneg(builder.fmul(dmin, xd)), new)
+                    builder.store(new, a_ref)
+        for h in range(halves):
+            for i in range(tb // planes):
+                total = builder.load(acc[h][i * planes])
+                for p in range(1, planes):
+                    total = builder.fadd(total, builder.load(acc[h][i * planes + p]))
+                yrow = builder.add(builder.sdiv(t0, c(planes)), c(i))
+                off = builder.add(builder.mul(yrow, ldy), builder.add(builder.mul(g, c(RG)), c(h * V)))
+                builder.store(total, builder.bitcast(builder.gep(yp, [off]), f32v.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_ktile(isa, qbits, form, tb, planes):
+    @intrinsic
+    def tile(typingctx, w, d, m, s, xq, xu, xd, xs, y, g, t0, nb):
+        return types.void(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb), _ktile_codegen(isa, qbits, form, tb, planes)
+    return tile
+
+
+@njit(cache=True)
+def _kquant(blk, r, e, qbits):
+    """The unsigned quant of element e (< 32) of row r (< 16) in one K-quant block's planes."""
+    kg = e // 4
+    j = e % 4
+    byte = np.int32(blk[(kg % 4) * 64 + r * 4 + j])
+    q = (byte & np.int32(15)) if kg < 4 else (byte >> np.int32(4))
+    if qbits == 5:
+        q |= ((np.int32(blk[256 + r * 4 + j]) >> np.int32(kg)) & np.int32(1)) << np.int32(4)
+    elif qbits == 6:
+        q |= ((np.int32(blk[256 + (kg // 4) * 64 + r * 4 + j]) >> np.int32(2 * (kg % 4))) & np.int32(3)) << np.int32(4)
+    return q
+
+
+@njit(cache=True)
+def ktile_portable(w, d, m, s, xq, xd, xs, y, g, t0, tb, planes, nb, kind):
+    """The portable twin of the K-quant tiles (same arguments as `tile_portable`, kind in KQ_KINDS)."""
+    qbits = 4 if kind == KQ4 else (5 if kind == KQ5 else 6)
+    for i in range(tb // planes):
+        for r in range(RG):
+            total = np.float32(0.0)
+            for p in range(planes):
+                t = t0 + i * planes + p
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = w[g, b]
+                    S0 = S1 = X0 = X1 = np.int32(0)  # sums over the halves of 16: q x, x
+                    for e in range(16):
+                        x0 = np.int32(xq[t, b * BLOCK + e])
+                        x1 = np.int32(xq[t, b * BLOCK + 16 + e])
+                        S0 += _kquant(blk, r, e, qbits) * x0
+                        S1 += _kquant(blk, r, 16 + e, qbits) * x1
+                        X0 += x0
+                        X1 += x1
+                    dd = _h2f(d[g, b // 8, r])
+                    sv = np.int32(s[g, b, r]) & np.int32(0xFFFF)
+                    lo, hi = sv & np.int32(255), sv >> np.int32(8)
+                    if kind == KQ4 or kind == KQ5:
+                        acc += dd * xd[t, b] * np.float32((S0 + S1) * lo)
+                        acc -= _h2f(d[g, b // 8, 16 + r]) * np.float32(hi) * xs[t, b]
+                    else:
+                        sc0 = np.int32(np.int8(np.uint8(lo)))
+                        sc1 = np.int32(np.int8(np.uint8(hi)))
+                        if kind == KQ6:
+                            acc += dd * xd[t, b] * np.float32(sc0 * (S0 - 32 * X0) + sc1 * (S1 - 32 * X1))
+                        else:
+                            mv = np.int32(m[g, b, r])
+                            mn0 = np.int32(np.int8(np.uint8(mv & np.int32(255))))
+                            mn1 = np.int32(np.int8(np.uint8(mv >> np.int32(8))))
+                            acc += dd * xd[t, b] * np.float32(sc0 * S0 + sc1 * S1)
+                            acc -= _h2f(d[g, b // 8, 16 + r]) * xd[t, b] * np.float32(mn0 * X0 + mn1 * X1)
+                total += acc
+            y[t0 // planes + i, g * RG + r] = total
+
+
+def _make_ktiles_dispatch():
+    """A Numba function that runs one K-quant tile of any kind with the compiled-in ISA."""
+    if ISA == "portable":
+        @njit(inline="always")
+        def run(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, kind):
+            ktile_portable(w, d, m, s, xq, xd, xs, y, g, t0, tb, planes, nb, kind)
+        return run
+    big = TILE_TOKENS
+    k = {(kind, tb, planes): _make_ktile(ISA, *KQ_KINDS[kind], tb, planes)
+         for kind in KQ_KINDS for planes in (1, 2) for tb in sorted({planes, big})}
+    k4_1, k5_1, k6_1, kg_1 = (k[(KQ4, 1, 1)], k[(KQ5, 1, 1)], k[(KQ6, 1, 1)], k[(KQG, 1, 1)])
+    k4_2, k5_2, k6_2, kg_2 = (k[(KQ4, 2, 2)], k[(KQ5, 2, 2)], k[(KQ6, 2, 2)], k[(KQG, 2, 2)])
+    b4_1, b5_1, b6_1, bg_1 = (k[(KQ4, big, 1)], k[(KQ5, big, 1)], k[(KQ6, big, 1)], k[(KQG, big, 1)])
+    b4_2, b5_2, b6_2, bg_2 = (k[(KQ4, big, 2)], k[(KQ5, big, 2)], k[(KQ6, big, 2)], k[(KQG, big, 2)])
+
+    @njit(inline="always")
+    def run(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, kind):
+        if tb == big:
+            if planes == 1:
+                if kind == KQ4:
+                    b4_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                elif kind == KQ5:
+                    b5_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                elif kind == KQ6:
+                    b6_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                else:
+                    bg_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            else:
+                if kind == KQ4:
+                    b4_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                elif kind == KQ5:
+                    b5_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                elif kind == KQ6:
+                    b6_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+                else:
+                    bg_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+        elif planes == 1:
+            if kind == KQ4:
+                k4_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            elif kind == KQ5:
+                k5_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            elif kind == KQ6:
+                k6_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            else:
+                kg_1(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+        else:
+            if kind == KQ4:
+                k4_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            elif kind == KQ5:
+                k5_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            elif kind == KQ6:
+                k6_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+            else:
+                kg_2(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb)
+    return run
+
+
+_run_ktile = _make_ktiles_dispatch()
+
+
+@njit(inline="always")
+def run_tile(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, bits):
+    """One tile of a weight of any kind: `bits` 8 or 4 (the 32-weight formats) or a KQ_KINDS code."""
+    if bits >= KQ4:
+        _run_ktile(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, bits)
+    else:
+        _run_tile_32(w, d, m, s, xq, xu, xd, xs, y, g, t0, tb, planes, nb, bits)
 
 
 QMAX15 = 127 * 128 + 63  # the largest 15-bit activation quant whose hi part stays within +-127

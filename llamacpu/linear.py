@@ -8,9 +8,16 @@ and the f16 scales as they are:
     q8_0   → bits 8: w (G, nb, 512) int8 quants, d (G, nb, 16), s = per-block sums of quants
     q4_0   → bits 4: w (G, nb, 256) ggml's nibble bytes, d (G, nb, 16)      w = d (q - 8)
     q4_1   → bits 4: w, d, m (G, nb, 16)                                   w = d q + m
+    q5_0   → bits 8, quants widened to q - 16 (as q8_0)
+    q5_1   → bits 8, quants widened, with m (as q4_1 widened)
+    q4_k, q5_k, q6_k → a K-quant kind (`kernels.KQ_KINDS`): quants in 4-bit + 1- or 2-bit planes,
+             the integer sub-block scales and the f16 super-block scales kept as they are
 
 (G = rows/16 rounded up: missing rows are zero and their outputs are dropped; nb = cols/32.)
 A packed q4 matrix is as big as the ggml one; q8_0 carries 2 more bytes per block (s).
+K-quants, bits per weight packed (file): q4_k 4.625 (4.5), q5_k 5.625 (5.5), q6_k 6.5625 (6.5625);
+a fused group mixing q6_k with q4_k/q5_k rows (llama.cpp's Q4_K_M/Q5_K_M put attn_v in q6_k in
+some layers) packs every member in the general K kind: 6-bit planes with mins, 7.1 bits per weight.
 
 Several matrices that read the same input (wq, wk, wv; w_gate, w_up) are packed as one,
 rows concatenated, so one kernel call computes them. A group mixing q4_0 and q4_1 packs as
@@ -33,10 +40,12 @@ import numpy as np
 from . import kernels
 from .errors import LlamacpuError
 from .pages import release
-from .quant import BLOCK, BLOCK_FORMATS, FLOAT_DTYPES, QTensor
+from .quant import BLOCK, BLOCK_FORMATS, FLOAT_DTYPES, QK_K, QTensor, k_scales_mins, unpack
 
-PACKABLE = ("q8_0", "q4_0", "q4_1")  # formats the kernels run
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # 256-weight super-blocks: the kernels' KQ_KINDS
+PACKABLE = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", *K_QUANTS)  # formats the kernels run
 FOUR_BIT = ("q4_0", "q4_1")
+WITH_MIN = ("q4_1", "q5_1")
 RG = kernels.RG  # rows per group
 ACT_PLANES = {8: 1, 16: 2}  # act_bits → int8 planes per token (16 means the 15-bit split)
 
@@ -63,7 +72,31 @@ class PackedBlocks:
         # Everything a kernel indexes is checked here, once, so kernels may skip bounds checks.
         nb = self.cols // BLOCK
         lead = self.d.shape[:-2]  # (..., G)
-        ok = (self.bits in (8, 4) and self.cols % BLOCK == 0 and self.cols > 0 and len(lead) >= 1
+        if self.bits in kernels.KQ_KINDS:
+            ok = self._k_shapes_ok()
+        else:
+            ok = self._shapes_ok(nb, lead)
+        if not ok:
+            raise LlamacpuError(f"inconsistent packed weight: w {self.w.dtype}{self.w.shape}, "
+                                f"d {self.d.shape}, m {self.m.shape}, s {self.s.shape}, bits {self.bits}, "
+                                f"rows {self.rows}, cols {self.cols}")
+
+    def _k_shapes_ok(self) -> bool:
+        qbits, form = kernels.KQ_KINDS[self.bits]
+        nb = self.cols // BLOCK
+        lead = self.s.shape[:-2]  # (..., G)
+        return (self.cols % QK_K == 0 and self.cols > 0 and len(lead) >= 1
+                and 0 < self.rows <= lead[-1] * RG and self.rows > (lead[-1] - 1) * RG
+                and self.w.dtype == np.uint8 and self.d.dtype == np.uint16 and self.m.dtype == np.uint16
+                and self.s.dtype == np.int16
+                and self.w.shape == lead + (nb, kernels.KQ_BYTES[qbits])
+                and self.d.shape == lead + (nb // 8, RG if form == kernels.K_CENTER else 2 * RG)
+                and self.s.shape == lead + (nb, RG)
+                and self.m.shape == lead + (nb, RG if form == kernels.K_GENERAL else 0)
+                and all(a.flags.c_contiguous for a in (self.w, self.d, self.m, self.s)))
+
+    def _shapes_ok(self, nb: int, lead: tuple) -> bool:
+        return (self.bits in (8, 4) and self.cols % BLOCK == 0 and self.cols > 0 and len(lead) >= 1
               and 0 < self.rows <= lead[-1] * RG and self.rows > (lead[-1] - 1) * RG
               and self.w.dtype == np.uint8 and self.d.dtype == np.uint16 and self.m.dtype == np.uint16
               and self.s.dtype == np.int16
@@ -71,10 +104,6 @@ class PackedBlocks:
               and self.s.shape == lead + (nb, RG if self.bits == 8 else 0)
               and self.w.shape == lead + (nb, RG * BLOCK * self.bits // 8)
               and all(a.flags.c_contiguous for a in (self.w, self.d, self.m, self.s)))
-        if not ok:
-            raise LlamacpuError(f"inconsistent packed weight: w {self.w.dtype}{self.w.shape}, "
-                                f"d {self.d.shape}, m {self.m.shape}, s {self.s.shape}, bits {self.bits}, "
-                                f"rows {self.rows}, cols {self.cols}")
 
     @property
     def padded_rows(self) -> int:
@@ -99,6 +128,8 @@ class PackedBlocks:
         if self.w.ndim != 3:
             raise LlamacpuError("dequantize takes one matrix, not a stack")
         G, nb, _ = self.w.shape
+        if self.bits in kernels.KQ_KINDS:
+            return self._k_dequantize()
         if self.bits == 8:
             q = self.w.view(np.int8).reshape(G, nb, 8, RG, 4).transpose(0, 3, 1, 2, 4)  # (G, 16, nb, 8, 4)
             q = q.reshape(G, RG, nb, BLOCK).astype(np.float32)
@@ -113,6 +144,36 @@ class PackedBlocks:
         else:
             out = d * q
         return out.reshape(G * RG, nb * BLOCK)[:self.rows]
+
+    def _k_dequantize(self) -> np.ndarray:
+        """A K-quant kind's planes read back (see kernels' K-quant section), in f64, rounded once."""
+        qbits, form = kernels.KQ_KINDS[self.bits]
+        G, nb, _ = self.w.shape
+        b = self.w[..., :256].reshape(G, nb, 4, RG, 4).transpose(0, 3, 1, 2, 4).reshape(G, RG, nb, 16)
+        q = np.concatenate([b & 0x0F, b >> 4], axis=-1).astype(np.int64)  # (G, 16, nb, 32)
+        if qbits == 5:  # byte j of a row, bit k: element 4k + j
+            p = self.w[..., 256:320].reshape(G, nb, RG, 4).transpose(0, 2, 1, 3)[..., None, :]  # (G, 16, nb, 1, 4)
+            q |= (((p >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64) << 4).reshape(G, RG, nb, 32)
+        elif qbits == 6:  # plane p, byte j, bits 2i..2i+1: element 4 (4p + i) + j
+            p = self.w[..., 256:384].reshape(G, nb, 2, RG, 4).transpose(0, 3, 1, 2, 4)[..., None, :]  # (G,16,nb,2,1,4)
+            hb = (p >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # (G, 16, nb, 2, 4, 4)
+            q |= hb.astype(np.int64).reshape(G, RG, nb, 32) << 4
+        per_block = lambda a: np.repeat(a.view(np.float16).astype(np.float64).transpose(0, 2, 1), 8, axis=2)  # noqa: E731
+        d = per_block(self.d[..., :RG])[..., None]  # (G, 16, nb, 1)
+        sv = self.s.view(np.uint16).transpose(0, 2, 1)  # (G, 16, nb)
+        lo, hi = (sv & 0xFF).astype(np.int64), (sv >> 8).astype(np.int64)
+        q = q.reshape(G, RG, nb, 2, 16).astype(np.float64)
+        if form == kernels.K_MIN:
+            out = d[..., None] * lo[..., None, None] * q - (per_block(self.d[..., RG:]) * hi)[..., None, None]
+        else:
+            sc = np.stack([lo, hi], axis=-1).astype(np.uint8).view(np.int8)[..., None]  # (G, 16, nb, 2, 1)
+            if form == kernels.K_CENTER:
+                out = d[..., None] * sc * (q - 32)
+            else:
+                mv = self.m.transpose(0, 2, 1)
+                mn = np.stack([mv & 0xFF, mv >> 8], axis=-1).astype(np.uint8).view(np.int8)[..., None]
+                out = d[..., None] * sc * q - per_block(self.d[..., RG:])[..., None, None] * mn
+        return out.astype(np.float32).reshape(G * RG, nb * BLOCK)[:self.rows]
 
 
 def _f16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -130,8 +191,15 @@ def _split(t: QTensor, bits: int, with_m: bool) -> tuple[np.ndarray, np.ndarray,
     """One ggml block matrix → (w, d, m or None) in the packed layout of `bits` (m if `with_m`)."""
     R, C = t.shape
     nb = C // BLOCK
-    b = t.data.reshape(R, nb, BLOCK_FORMATS[t.fmt].nbytes)  # (R, nb, block_bytes), a view of the mmap
+    bf = BLOCK_FORMATS[t.fmt]
+    b = t.data.reshape(R, nb, bf.nbytes)  # (R, nb, block_bytes), a view of the mmap
     d = _f16_field(b, 0)
+    if t.fmt in ("q5_0", "q5_1"):  # widened to 8-bit quants, exactly: q - 16 (q5_0), or q with its m
+        q = unpack(t.fmt, b.reshape(R * nb, bf.nbytes)).q.reshape(R, C)
+        d = np.ascontiguousarray(bf.field(b, "d")).view(np.uint16)[..., 0]
+        if t.fmt == "q5_1":
+            return q.view(np.uint8), d, np.ascontiguousarray(bf.field(b, "m")).view(np.uint16)[..., 0]
+        return q.view(np.uint8), d, (np.zeros_like(d) if with_m else None)
     if t.fmt == "q8_0":
         return b[..., 2:].reshape(R, C), d, (np.zeros_like(d) if with_m else None)
     nibbles = b[..., 4:] if t.fmt == "q4_1" else b[..., 2:]  # (R, nb, 16)
@@ -157,7 +225,8 @@ def _to_groups(a: np.ndarray, G: int, unit: int) -> np.ndarray:
 def pack_stack(groups: list[list[QTensor]]) -> PackedBlocks:
     """Pack L groups of block matrices (rows concatenated within a group) into one (L, G, ...) stack.
 
-    Every group must have the same member shapes; 4-bit only if every member is 4-bit."""
+    Every group must have the same member shapes; 4-bit only if every member is 4-bit; K-quants
+    only with K-quants (`fusable`)."""
     first = groups[0]
     cols = first[0].cols
     for g in groups:
@@ -169,8 +238,12 @@ def pack_stack(groups: list[list[QTensor]]) -> PackedBlocks:
             if t.cols != cols:
                 raise LlamacpuError("fused weights must share their input width")
     fmts = {t.fmt for g in groups for t in g}
+    if fmts & set(K_QUANTS):
+        if not fmts <= set(K_QUANTS):
+            raise LlamacpuError(f"cannot fuse K-quant weights with {', '.join(sorted(fmts - set(K_QUANTS)))}")
+        return _pack_k_stack(groups, fmts)
     bits = 4 if fmts <= set(FOUR_BIT) else 8
-    has_m = "q4_1" in fmts or (bits == 8 and bool(fmts & set(FOUR_BIT)))
+    has_m = bool(fmts & set(WITH_MIN)) or (bits == 8 and bool(fmts & set(FOUR_BIT)))
     L, R, nb = len(groups), sum(t.rows for t in first), cols // BLOCK
     G = -(-R // RG)
     w = np.empty((L, G, nb, RG * BLOCK * bits // 8), dtype=np.uint8)
@@ -193,6 +266,102 @@ def pack_stack(groups: list[list[QTensor]]) -> PackedBlocks:
         for t in g:
             release(t.data)  # copied: its mmapped pages need not stay resident too
     return PackedBlocks(w, d, m, s, bits, R, cols)
+
+
+def fusable(group: list[QTensor]) -> bool:
+    """Whether the kernels can run these matrices (same input) as one packed matrix."""
+    fmts = {t.fmt for t in group}
+    return fmts <= set(PACKABLE) and (fmts <= set(K_QUANTS) or not fmts & set(K_QUANTS))
+
+
+def k_kind(fmts: set[str]) -> int:
+    """The kernels' K-quant kind that holds every member format exactly (see `kernels.KQ_KINDS`)."""
+    if fmts <= {"q4_k"}:
+        return kernels.KQ4
+    if fmts <= {"q4_k", "q5_k"}:
+        return kernels.KQ5
+    return kernels.KQ6 if fmts == {"q6_k"} else kernels.KQG
+
+
+def _k_parts(t: QTensor) -> tuple[np.ndarray, ...]:
+    """A K-quant matrix → its unsigned quants q (R, nb, 32) uint8, f16 bits d, dmin (R, nsb)
+    (dmin None for q6_k), and per 32-block the two halves' integer scales sc (R, nb, 2) and
+    mins mn (R, nb, 2) (None for q6_k), all read through the block descriptor."""
+    R, C = t.shape
+    bf = BLOCK_FORMATS[t.fmt]
+    nsb, nb = C // QK_K, C // BLOCK
+    blocks = t.data.reshape(R * nsb, bf.nbytes)
+    u = unpack(t.fmt, blocks)
+    d = np.ascontiguousarray(bf.field(blocks, "d")).view(np.uint16).reshape(R, nsb)
+    if t.fmt == "q6_k":
+        q = (u.q.astype(np.int16) + bf.center).astype(np.uint8).reshape(R, nb, BLOCK)
+        sc = bf.field(blocks, "scales").view(np.int8).reshape(R, nb, 2).astype(np.int16)
+        return q, d, None, sc, None
+    dmin = np.ascontiguousarray(bf.field(blocks, "dmin")).view(np.uint16).reshape(R, nsb)
+    sc, mn = k_scales_mins(bf.field(blocks, "scales"))  # (R*nsb, 8) each: one per 32-block
+    two = lambda a: np.repeat(a.reshape(R, nb, 1).astype(np.int16), 2, axis=2)  # noqa: E731
+    return u.q.reshape(R, nb, BLOCK), d, dmin, two(sc), two(mn)
+
+
+def _k_planes(q: np.ndarray, qbits: int) -> np.ndarray:
+    """Unsigned quants (R, nb, 32) → per block the bytes of one row in the K planes (R, nb, 16 | 20 | 24):
+    16 nibble bytes (element j low, j + 16 high), then bit 4 (byte j, bit k: element 4k + j) or
+    bits 4-5 (plane p, byte j, bits 2i: element 4 (4p + i) + j)."""
+    nib = (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
+    hi = (q >> 4).reshape(*q.shape[:-1], 8, 4)  # (R, nb, k-group, j)
+    if qbits == 4:
+        return nib
+    if qbits == 5:
+        plane = ((hi & 1) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8)  # (R, nb, 4)
+    else:
+        hi = hi.reshape(*q.shape[:-1], 2, 4, 4)  # (R, nb, p, i, j)
+        plane = ((hi & 3) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=-2, dtype=np.uint8)
+        plane = plane.reshape(*q.shape[:-1], 8)
+    return np.concatenate([nib, plane], axis=-1)
+
+
+def _pack_k_stack(groups: list[list[QTensor]], fmts: set[str]) -> PackedBlocks:
+    kind = k_kind(fmts)
+    qbits, form = kernels.KQ_KINDS[kind]
+    first = groups[0]
+    L, R, cols = len(groups), sum(t.rows for t in first), first[0].cols
+    nb, nsb = cols // BLOCK, cols // QK_K
+    G = -(-R // RG)
+    w = np.empty((L, G, nb, kernels.KQ_BYTES[qbits]), dtype=np.uint8)
+    d = np.empty((L, G, nsb, RG if form == kernels.K_CENTER else 2 * RG), dtype=np.uint16)
+    m = np.empty((L, G, nb, RG if form == kernels.K_GENERAL else 0), dtype=np.uint16)
+    s = np.empty((L, G, nb, RG), dtype=np.int16)
+    grouped = lambda a: _to_groups(a.reshape(R, a.shape[1], 1), G, 1).reshape(G, a.shape[1], RG)  # noqa: E731
+    for li, g in enumerate(groups):
+        qs, ds, dmins, scs, mns = [], [], [], [], []
+        for t in g:
+            q, dd, dmin, sc, mn = _k_parts(t)
+            if mn is None and form == kernels.K_GENERAL:  # a q6_k row with mins: dmin = 32 d (exact), mn = sc
+                with np.errstate(over="raise"):
+                    dmin = (dd.view(np.float16) * np.float16(32)).view(np.uint16)
+                mn = sc
+            qs.append(q)
+            ds.append(dd)
+            dmins.append(dmin)
+            scs.append(sc)
+            mns.append(mn)
+        q = np.concatenate(qs)  # (R, nb, 32)
+        w[li] = _to_groups(_k_planes(q, qbits), G, 4).reshape(G, nb, -1)
+        sc = np.concatenate(scs)  # (R, nb, 2)
+        if form == kernels.K_MIN:  # (sc, m): both halves share them
+            pair = sc[..., 0].astype(np.uint16) | (np.concatenate(mns)[..., 0].astype(np.uint16) << 8)
+        else:
+            pair = (sc[..., 0].astype(np.uint16) & 0xFF) | ((sc[..., 1].astype(np.uint16) & 0xFF) << 8)
+        s[li] = grouped(pair.view(np.int16))
+        d[li, ..., :RG] = grouped(np.concatenate(ds))
+        if form != kernels.K_CENTER:
+            d[li, ..., RG:] = grouped(np.concatenate(dmins))
+        if form == kernels.K_GENERAL:
+            mn = np.concatenate(mns)
+            m[li] = grouped((mn[..., 0].astype(np.uint16) & 0xFF) | ((mn[..., 1].astype(np.uint16) & 0xFF) << 8))
+        for t in g:
+            release(t.data)  # copied: its mmapped pages need not stay resident too
+    return PackedBlocks(w, d, m, s, kind, R, cols)
 
 
 def pack(t: QTensor) -> PackedBlocks:

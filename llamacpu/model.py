@@ -26,7 +26,7 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import ACT_PLANES, PACKABLE, Linear, PackedBlocks, pack, pack_stack
+from .linear import ACT_PLANES, Linear, PackedBlocks, fusable, pack, pack_stack
 from .quant import QTensor, dequantize
 from .threads import default_threads
 
@@ -39,6 +39,7 @@ KV_DTYPES = (np.float32, np.float16)
 ACT_BITS = tuple(ACT_PLANES)
 ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
+FUSED = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))  # matrices run as one, per layer
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -150,7 +151,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, nt: int =
 class Model:
     """A LLaMA-family decoder over QTensor weights (llamacpu names, see `checkpoint.py`).
 
-    Block-quantized matrices (q8_0, q4_0, q4_1) are packed once here for the kernels;
+    Block-quantized matrices (`linear.PACKABLE`: q8_0, q4_0/1, q5_0/1, q4_k, q5_k, q6_k) are
+    packed once here for the kernels;
     `threads` (default: the available cores) is the kernels' parallelism; the forward pass
     does not set the thread pools (process state): run it inside `threads.thread_limit(model.threads)`
     so that Numba's other parallel regions and the BLAS use as many. The integer kernels
@@ -179,9 +181,9 @@ class Model:
         layer_t = [{n: tensors[f"layers.{i}.{n}"] for n in
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
                    for i in range(c.num_hidden_layers)]
-        matrices = [t[n] for t in layer_t for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        groups = [[t[n] for n in names] for t in layer_t for names in FUSED] + [[output]]
         self.decode_weights: DecodeWeights | None = None
-        if all(m.fmt in PACKABLE for m in matrices + [output]):
+        if all(fusable(g) for g in groups):
             self._build_packed(layer_t, output)
         else:  # some dense (f32/f16) weights: the layer loop for every token
             self.output = self._linear([output])
@@ -195,7 +197,7 @@ class Model:
     def _linear(self, group: list[QTensor]) -> Linear:
         """One Linear for matrices of the same input, rows concatenated: packed if they are all
         block-quantized, else dense (f16 if they all are, else f32; block members dequantized)."""
-        if all(t.fmt in PACKABLE for t in group):
+        if fusable(group):
             return Linear(pack_stack([group])[0], self.threads, self.act_bits)
         if len(group) == 1:
             return Linear(group[0], self.threads, self.act_bits)

@@ -2,10 +2,12 @@
 
     python tools/make_bench_models.py [--sizes 135m,1b,7b] [--model SmolLM2.gguf]
 
-Every benchmark file is made by llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`,
-"pure": every matrix in the target type, so that llamacpu and llama.cpp run the very same
-bytes; by default llama.cpp would make `output.weight` Q6_K) and cached under
-.cache/models/bench/ as `<name>.<FMT>.gguf`:
+Every benchmark file is made by llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`)
+and cached under .cache/models/bench/ as `<name>.<FMT>.gguf`. Q8_0 and Q4_0 are "pure": every
+matrix in the target type, so that llamacpu and llama.cpp run the very same bytes (by default
+llama.cpp would make `output.weight` Q6_K). The K-quant files (Q4_K_M, Q5_K_M, Q6_K) keep
+llama.cpp's own mixture, as people download them (e.g. Q4_K_M: Q6_K for `output.weight` and
+for `attn_v`/`ffn_down` of some layers, Q4_K elsewhere).
 
 - 135m: SmolLM2-135M-Instruct, requantized from the shipped Q4_1 file (--model).
 - 1b:   TinyLlama-1.1B's shape (dim 2048, 22 layers, 32 heads, 4 KV heads, FFN 5632).
@@ -57,7 +59,8 @@ class Shape:
 
 
 SHAPES = {
-    "1b": Shape("tinyllama-1.1b-shape", 2048, 22, 32, 4, 5632, 2048, "F16", ("Q8_0", "Q4_0")),
+    "1b": Shape("tinyllama-1.1b-shape", 2048, 22, 32, 4, 5632, 2048, "F16",
+                ("Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")),
     "7b": Shape("llama2-7b-shape", 4096, 32, 32, 32, 11008, 4096, "Q8_0", ("Q4_0",)),
 }
 REAL = {"135m": ("smollm2-135m", ("Q8_0", "Q4_0"))}
@@ -162,12 +165,16 @@ def write_random_source(s: Shape, out: Path, spm_path: Path, seed: int = 0) -> N
         tmp.unlink(missing_ok=True)
 
 
+PURE = ("Q8_0", "Q4_0")  # formats made "pure"; the K-quant mixtures keep llama.cpp's per-tensor choices
+
+
 def llama_cpp_quantize(src: Path, out: Path, fmt: str, threads: int = 2) -> None:
-    """llama.cpp's quantizer, every matrix in `fmt` ("pure"), from F16/F32 or (requantizing) Q8_0/Q4_1."""
+    """llama.cpp's quantizer to `fmt` (pure for PURE formats, else llama.cpp's mixture), from
+    F16/F32 or (requantizing) Q8_0/Q4_1."""
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[fmt]
-    params.pure = True
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
+    params.pure = fmt in PURE
     params.allow_requantize = True
     params.nthread = threads
     tmp = out.with_name(out.name + ".tmp")

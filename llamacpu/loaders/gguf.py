@@ -1,9 +1,9 @@
 """Read GGUF files (llama.cpp's format) with the `gguf` package, into llamacpu names.
 
-Tensors stay in the file's mmap: a Q8_0/Q4_0/Q4_1 tensor becomes a QTensor over the
-mapped bytes, so opening a model reads only what the forward pass touches. Other ggml
-types (K-quants, IQ…) are dequantized by `gguf.quants` and re-quantized to q8_0 once, at
-load, with a notice. GGUF lists dims fastest-first; we reverse them to (rows, cols).
+Tensors stay in the file's mmap: a tensor of a type the kernels run (`NATIVE`: F32, F16,
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) becomes a QTensor over the mapped bytes, so
+opening a model reads only what the forward pass touches. Other ggml types (Q2_K, Q3_K, IQ…)
+are dequantized by `gguf.quants` and re-quantized to q8_0 once, at load, with a notice. GGUF lists dims fastest-first; we reverse them to (rows, cols).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ SAMPLING_KEYS = {
     "repeat_penalty": "general.sampling.penalty_repeat",
 }
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
-NATIVE = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # run as stored
+NATIVE = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0",
+          "Q5_1": "q5_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}  # run as stored
 
 
 def to_llamacpu_name(gguf_name: str) -> str | None:
