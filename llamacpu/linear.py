@@ -320,6 +320,20 @@ def _k_planes(q: np.ndarray, qbits: int) -> np.ndarray:
     return np.concatenate([nib, plane], axis=-1)
 
 
+K_PACK_ROWS = 4096  # rows packed per step: bounds the packer's temporaries (~100 bytes a weight) to ~100 MB
+
+
+def _rows(group: list[QTensor], r0: int, r1: int) -> list[QTensor]:
+    """Rows r0..r1 of the group's matrices stacked, as views of the members' rows."""
+    out, a = [], 0
+    for t in group:
+        lo, hi = max(r0, a), min(r1, a + t.rows)
+        if lo < hi:
+            out.append(QTensor(t.fmt, (hi - lo, t.cols), t.data[lo - a:hi - a]))
+        a += t.rows
+    return out
+
+
 def _pack_k_stack(groups: list[list[QTensor]], fmts: set[str]) -> PackedBlocks:
     kind = k_kind(fmts)
     qbits, form = kernels.KQ_KINDS[kind]
@@ -331,34 +345,39 @@ def _pack_k_stack(groups: list[list[QTensor]], fmts: set[str]) -> PackedBlocks:
     d = np.empty((L, G, nsb, RG if form == kernels.K_CENTER else 2 * RG), dtype=np.uint16)
     m = np.empty((L, G, nb, RG if form == kernels.K_GENERAL else 0), dtype=np.uint16)
     s = np.empty((L, G, nb, RG), dtype=np.int16)
-    grouped = lambda a: _to_groups(a.reshape(R, a.shape[1], 1), G, 1).reshape(G, a.shape[1], RG)  # noqa: E731
     for li, g in enumerate(groups):
-        qs, ds, dmins, scs, mns = [], [], [], [], []
-        for t in g:
-            q, dd, dmin, sc, mn = _k_parts(t)
-            if mn is None and form == kernels.K_GENERAL:  # a q6_k row with mins: dmin = 32 d (exact), mn = sc
-                with np.errstate(over="raise"):
-                    dmin = (dd.view(np.float16) * np.float16(32)).view(np.uint16)
-                mn = sc
-            qs.append(q)
-            ds.append(dd)
-            dmins.append(dmin)
-            scs.append(sc)
-            mns.append(mn)
-        q = np.concatenate(qs)  # (R, nb, 32)
-        w[li] = _to_groups(_k_planes(q, qbits), G, 4).reshape(G, nb, -1)
-        sc = np.concatenate(scs)  # (R, nb, 2)
-        if form == kernels.K_MIN:  # (sc, m): both halves share them
-            pair = sc[..., 0].astype(np.uint16) | (np.concatenate(mns)[..., 0].astype(np.uint16) << 8)
-        else:
-            pair = (sc[..., 0].astype(np.uint16) & 0xFF) | ((sc[..., 1].astype(np.uint16) & 0xFF) << 8)
-        s[li] = grouped(pair.view(np.int16))
-        d[li, ..., :RG] = grouped(np.concatenate(ds))
-        if form != kernels.K_CENTER:
-            d[li, ..., RG:] = grouped(np.concatenate(dmins))
-        if form == kernels.K_GENERAL:
-            mn = np.concatenate(mns)
-            m[li] = grouped((mn[..., 0].astype(np.uint16) & 0xFF) | ((mn[..., 1].astype(np.uint16) & 0xFF) << 8))
+        for r0 in range(0, R, K_PACK_ROWS):  # K_PACK_ROWS is a multiple of 16: whole row groups
+            r1 = min(R, r0 + K_PACK_ROWS)
+            g0, g1 = r0 // RG, -(-r1 // RG)
+            n = r1 - r0
+            grouped = lambda a: _to_groups(a.reshape(n, a.shape[1], 1), g1 - g0, 1).reshape(  # noqa: E731
+                g1 - g0, a.shape[1], RG)
+            qs, ds, dmins, scs, mns = [], [], [], [], []
+            for t in _rows(g, r0, r1):
+                q, dd, dmin, sc, mn = _k_parts(t)
+                if mn is None and form == kernels.K_GENERAL:  # a q6_k row with mins: dmin = 32 d (exact), mn = sc
+                    with np.errstate(over="raise"):
+                        dmin = (dd.view(np.float16) * np.float16(32)).view(np.uint16)
+                    mn = sc
+                qs.append(q)
+                ds.append(dd)
+                dmins.append(dmin)
+                scs.append(sc)
+                mns.append(mn)
+            q = np.concatenate(qs)  # (n, nb, 32)
+            w[li, g0:g1] = _to_groups(_k_planes(q, qbits), g1 - g0, 4).reshape(g1 - g0, nb, -1)
+            sc = np.concatenate(scs)  # (n, nb, 2)
+            if form == kernels.K_MIN:  # (sc, m): both halves share them
+                pair = sc[..., 0].astype(np.uint16) | (np.concatenate(mns)[..., 0].astype(np.uint16) << 8)
+            else:
+                pair = (sc[..., 0].astype(np.uint16) & 0xFF) | ((sc[..., 1].astype(np.uint16) & 0xFF) << 8)
+            s[li, g0:g1] = grouped(pair.view(np.int16))
+            d[li, g0:g1, :, :RG] = grouped(np.concatenate(ds))
+            if form != kernels.K_CENTER:
+                d[li, g0:g1, :, RG:] = grouped(np.concatenate(dmins))
+            if form == kernels.K_GENERAL:
+                mn = np.concatenate(mns)
+                m[li, g0:g1] = grouped((mn[..., 0].astype(np.uint16) & 0xFF) | ((mn[..., 1].astype(np.uint16) & 0xFF) << 8))
         for t in g:
             release(t.data)  # copied: its mmapped pages need not stay resident too
     return PackedBlocks(w, d, m, s, kind, R, cols)
