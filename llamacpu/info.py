@@ -36,7 +36,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     Keys: path, format, name, architecture, parameters, layers, hidden_size, intermediate_size,
     heads, kv_heads, head_dim, vocab_size, context_length, rope_theta, rope_scaling (None, or
     {type, factor}; type "freq_factors" for a GGUF's rope_freqs tensor), sliding_window, tied_embeddings,
-    formats ({kind: {format: tensor count}}), bits_per_weight, file_size, tokenizer, chat_template,
+    formats ({kind: {format: tensor count}}), types ({format: tensor count}, every kind together),
+    bits_per_weight, file_size, tokenizer, chat_template,
     sampling (the file's recommended settings, {} if none).
     """
     from .checkpoint import check_input_path
@@ -56,10 +57,12 @@ def describe(path: str | Path) -> dict[str, Any]:
     except (Exception, MemoryError) as e:  # whatever the readers did not foresee is still a bad file
         raise LlamacpuError(f"{path}: cannot read the model ({reason(e)})") from None
     formats: dict[str, Counter] = {}
+    types: Counter = Counter()
     n_params = n_bits = 0
     for ours, (kind_fmt, n_elements, bits) in tensors.items():
         kind = KINDS.get(ours.rsplit(".", 1)[-1], "other")
         formats.setdefault(kind, Counter())[kind_fmt] += 1
+        types[kind_fmt] += 1
         n_params += n_elements
         n_bits += bits
     return {
@@ -75,6 +78,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "sliding_window": config.sliding_window,
         "tied_embeddings": config.tie_word_embeddings,
         "formats": {kind: dict(sorted(c.items())) for kind, c in sorted(formats.items())},
+        "types": dict(sorted(types.items())),
         "bits_per_weight": round(n_bits / n_params, 3) if n_params else None,
         "file_size": size,
         "tokenizer": tokenizer,

@@ -380,13 +380,13 @@ def test_quantizing_at_load_does_not_calibrate(hf_dir, tmp_path, monkeypatch):
 
 
 def test_transcoded_source_is_converted_from_its_own_values(tmp_path):
-    """A tensor the loader can't run as stored (Q5_0 here) is transcoded to q8_0 at load;
+    """A tensor the loader can't run as stored (MXFP4 here) is transcoded to q8_0 at load;
     convert must start from the file's values instead, not stack a second rounding."""
     import gguf
     from llamacpu.loaders.gguf import to_gguf_name
     c = tiny_config(hidden_size=64, intermediate_size=64)
     w = random_tensors(c, seed=5)
-    path = tmp_path / "q5.gguf"
+    path = tmp_path / "fp4.gguf"
     wr = gguf.GGUFWriter(str(path), "llama")
     for key, value in c.gguf_metadata().items():
         (wr.add_float32 if isinstance(value, float) else wr.add_uint32)(key, value)
@@ -398,11 +398,11 @@ def test_transcoded_source_is_converted_from_its_own_values(tmp_path):
     for name, t in w.items():
         if name != "layers.0.w_up":
             wr.add_tensor(to_gguf_name(name), t)
-    q5 = gguf.quants.quantize(w["layers.0.w_up"], gguf.GGMLQuantizationType.Q5_0)
-    wr.add_tensor("blk.0.ffn_up.weight", q5, raw_shape=q5.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    fp4 = gguf.quants.quantize(w["layers.0.w_up"], gguf.GGMLQuantizationType.MXFP4)
+    wr.add_tensor("blk.0.ffn_up.weight", fp4, raw_shape=fp4.shape, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
     wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
-    assert load_checkpoint(path).transcoded == {"layers.0.w_up": ("Q5_0", "q8_0")}
+    assert load_checkpoint(path).transcoded == {"layers.0.w_up": ("MXFP4", "q8_0")}
     convert_model(path, tmp_path / "f32.gguf", "f32")
     got = load_checkpoint(tmp_path / "f32.gguf").tensors["layers.0.w_up"].dequantize()
-    want = gguf.quants.dequantize(q5, gguf.GGMLQuantizationType.Q5_0)  # gguf-py, independently
+    want = gguf.quants.dequantize(fp4, gguf.GGMLQuantizationType.MXFP4)  # gguf-py, independently
     np.testing.assert_array_equal(got, want)

@@ -20,9 +20,10 @@ from numba import njit
 from llamacpu import kernels
 from llamacpu.checkpoint import load_checkpoint
 from llamacpu.errors import LlamacpuError
+from llamacpu import linear
 from llamacpu.linear import Linear, PackedBlocks, pack, pack_stack
 from llamacpu.model import Model
-from llamacpu.quant import QTensor, quantize
+from llamacpu.quant import BLOCK_FORMATS, QTensor, quantize
 
 from tiny import random_tensors, tiny_config
 
@@ -540,6 +541,13 @@ for planes in (1, 2):
         tk.test_linear_blocks_match_dequantized_product(fmts, 37, 96, 11, 2, planes)
 for fmt in ("q8_0", "q4_0", "q4_1"):
     tk.test_fast_decode_matches_reference(fmt, np.float32)
+for planes in (1, 2):
+    for fmts in (("q4_k",), ("q5_k",), ("q6_k",), ("q4_k", "q6_k")):
+        tk.test_k_linear_blocks_match_dequantized_product(fmts, 37, 11, 2, planes)
+import test_kquant_reference as tr
+ref = tr.load_reference()
+for name in ("k256.Q4_K_M.gguf", "k256.Q5_K_M.gguf", "k192.Q5_K_M.gguf"):
+    tr.test_kquant_file_runs_natively_and_matches_llama_cpp(name, ref)
 print("ok")
 """
 
@@ -621,3 +629,103 @@ def test_rope_tables_grow_past_their_start(monkeypatch):
     assert len(model.cos) == 4
     logits = model.forward(TOKENS[:9], model.new_cache(16), all_logits=True)
     np.testing.assert_allclose(logits, ref_forward(c, deq, TOKENS[:9]), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# K-quants (Q4_K, Q5_K, Q6_K run as stored: kernels.KQ_KINDS)
+
+
+def random_kquant(fmt: str, rows: int, cols: int) -> QTensor:
+    """Random K-quant blocks: random quant and sub-scale bytes, small positive f16 super-scales;
+    row 0 all quants and scales at their maximum (bytes 0xFF), row 1 (q6_k) scales at -128."""
+    bf = BLOCK_FORMATS[fmt]
+    data = RNG.integers(0, 256, (rows, cols // 256, bf.nbytes), dtype=np.uint8)
+    data[0] = 0xFF
+    if fmt == "q6_k" and rows > 1:
+        bf.field(data[1], "scales")[...] = 0x80
+    for name in ("d", "dmin"):
+        if any(f == name for f, _, _ in bf.fields):
+            field = bf.field(data, name)
+            vals = (RNG.random(field.shape[:-1]) * 2e-3 + 1e-4).astype(np.float16)
+            field[...] = vals[..., None].view(np.uint8).reshape(field.shape)
+    return QTensor(fmt, (rows, cols), data.reshape(rows, -1))
+
+
+K_GROUPS = [("q4_k",), ("q5_k",), ("q6_k",), ("q4_k", "q5_k"), ("q4_k", "q6_k"), ("q6_k", "q5_k")]
+
+
+@pytest.mark.parametrize("fmts", K_GROUPS)
+def test_k_pack_and_dequantize(fmts, monkeypatch):
+    """Packing K-quants (fused, stacked, rows padded to 16, packed 16 rows per step so members
+    straddle steps) keeps every weight: the packed planes read back equal the block formats'
+    dequantization (one f32 rounding apart: the packed read-back rounds once, from f64)."""
+    monkeypatch.setattr(linear, "K_PACK_ROWS", 16)
+    layers = [[random_kquant(f, r, 512) for r, f in zip((37, 8), fmts)] for _ in range(2)]
+    stack = pack_stack(layers)
+    kinds = {("q4_k",): kernels.KQ4, ("q5_k",): kernels.KQ5, ("q6_k",): kernels.KQ6, ("q4_k", "q5_k"): kernels.KQ5,
+             ("q4_k", "q6_k"): kernels.KQG, ("q6_k", "q5_k"): kernels.KQG}
+    assert stack.bits == kinds[fmts]
+    for li, group in enumerate(layers):
+        ref = np.concatenate([t.dequantize() for t in group])
+        np.testing.assert_allclose(stack[li].dequantize(), ref, rtol=2e-7, atol=1e-7 * np.abs(ref).max())
+    with pytest.raises(LlamacpuError, match="cannot fuse K-quant"):
+        pack_stack([[layers[0][0], quantize(RNG.standard_normal((16, 512)).astype(np.float32), "q8_0")]])
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("fmts", K_GROUPS)
+@pytest.mark.parametrize("rows,T,nt", [(16, 1, 1), (37, 1, 2), (37, 11, 2), (5, 70, 3)])
+def test_k_linear_blocks_match_dequantized_product(fmts, rows, T, nt, planes):
+    """The K-quant GEMM equals the exact product of the dequantized weights with the quantized x
+    (f64), for decode (T = 1) and prefill, token counts around the tile and block sizes."""
+    cols = 512
+    parts = [random_kquant(f, r, cols) for r, f in zip((rows, 7), fmts)]
+    p = pack_stack([parts])[0]
+    deq = np.concatenate([t.dequantize() for t in parts])
+    x = RNG.standard_normal((T, cols)).astype(np.float32)
+    x[:, :32] *= 100  # an outlier block
+    y = _linear_blocks(p, x, planes, nt)
+    ref = _ref_linear(deq, x, planes)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(np.concatenate([_linear_blocks(p, x[t:t + 1], planes, nt) for t in range(T)]), y)
+
+
+@pytest.mark.parametrize("kind", sorted(kernels.KQ_KINDS))
+@pytest.mark.parametrize("planes", [1, 2])
+def test_k_simd_tile_matches_portable_twin(kind, planes):
+    """The K-quant tile this process compiled computes what its portable twin does, on random
+    planes, extreme quants (all bits set) and activations at +-127."""
+    qbits, form = kernels.KQ_KINDS[kind]
+    G, nb, T = 2, 16, kernels.TILE_TOKENS
+    w = RNG.integers(0, 256, (G, nb, kernels.KQ_BYTES[qbits]), dtype=np.uint8)
+    w[0, 0] = 0xFF
+    d = (RNG.random((G, nb // 8, 16 if form == kernels.K_CENTER else 32)) * 1e-2).astype(np.float16).view(np.uint16)
+    s = RNG.integers(-2 ** 15, 2 ** 15, (G, nb, 16)).astype(np.int16)
+    if form == kernels.K_MIN:
+        s = (s.view(np.uint16) & 0x3F3F).view(np.int16)  # 6-bit sc and m
+    m = RNG.integers(0, 2 ** 16, (G, nb, 16 if form == kernels.K_GENERAL else 0)).astype(np.uint16)
+    xq = RNG.integers(-127, 128, (T, nb * 32)).astype(np.int8)
+    xq[:, :32] = -127
+    xq[:, 32:64] = 127
+    xu = (xq.astype(np.int16) + 128).astype(np.uint8)
+    xd = RNG.random((T, nb), dtype=np.float32)
+    xs = xd * xq.reshape(T, nb, 32).sum(axis=-1).astype(np.float32)
+    for tb in sorted({planes, T}):
+        fast = np.full((T // planes, G * 16), np.nan, np.float32)
+        twin = fast.copy()
+        for g in range(G):
+            for t0 in range(0, T, tb):
+                _run_tile(w, d, m, s, xq, xu, xd, xs, fast, g, t0, tb, planes, nb, kind)
+                kernels.ktile_portable(w, d, m, s, xq, xd, xs, twin, g, t0, tb, planes, nb, kind)
+        np.testing.assert_allclose(fast, twin, rtol=1e-5, atol=1e-5 * np.abs(twin).max())
+
+
+def test_k_packed_blocks_validates_shapes():
+    p = pack(random_kquant("q6_k", 20, 256))
+    assert p.bits == kernels.KQ6 and p.padded_rows == 32
+    with pytest.raises(LlamacpuError):
+        PackedBlocks(p.w, p.d, p.m, p.s, kernels.KQ4, p.rows, p.cols)  # d has no dmin half
+    with pytest.raises(LlamacpuError):
+        PackedBlocks(p.w[:, :4], p.d, p.m, p.s, p.bits, p.rows, p.cols)
+    with pytest.raises(LlamacpuError):
+        PackedBlocks(p.w, p.d, p.m, p.s, p.bits, p.rows, 288)  # not whole super-blocks

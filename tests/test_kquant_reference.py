@@ -46,10 +46,15 @@ def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
-@pytest.fixture(scope="module")
-def reference():
+def load_reference() -> dict[str, np.ndarray]:
+    """tokens (T,) and, per file, llama.cpp's logits (T, V)."""
     with np.load(DATA / "reference.npz") as z:
         return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference()
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -75,3 +80,12 @@ def test_kquant_file_runs_natively_and_matches_llama_cpp(name, reference):
         assert _kl(exact, ours).mean() < 1e-6 and _top1(exact, ours) == 1.0
         assert _kl(theirs, ours).mean() <= 1.2 * kl_exact + 1e-5
         assert _top1(theirs, ours) >= _top1(theirs, exact) - 0.05
+
+
+def test_info_counts_tensors_per_type():
+    """`info` shows how many tensors of each type a K-quant mixture holds (as gguf-py reads them)."""
+    from llamacpu.info import describe
+    for name in FILES:
+        d = describe(DATA / name)
+        assert d["types"] == {t.lower(): n for t, n in REF["files"][name]["types"].items()}
+        assert sum(sum(c.values()) for c in d["formats"].values()) == sum(d["types"].values())

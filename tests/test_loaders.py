@@ -133,12 +133,11 @@ def test_gguf_types_without_native_kernels_are_transcoded_with_one_notice(tmp_pa
     c = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     w = random_tensors(c)
     rng = np.random.default_rng(3)
-    # Q4_K has no Python quantizer: build valid blocks (f16 d, dmin, 12 scale bytes, 128 nibble bytes).
+    # Q3_K has no Python quantizer: build valid blocks (hmask[32], qs[64], 12 scale bytes, f16 d).
     rows = c.intermediate_size
-    blocks = rng.integers(0, 256, size=(rows, c.hidden_size // 256, 144), dtype=np.uint8)
-    blocks[..., 0:2] = np.array([0.002], np.float16).view(np.uint8)
-    blocks[..., 2:4] = np.array([0.001], np.float16).view(np.uint8)
-    q4k = blocks.reshape(rows, -1)
+    blocks = rng.integers(0, 256, size=(rows, c.hidden_size // 256, 110), dtype=np.uint8)
+    blocks[..., 108:110] = np.array([0.002], np.float16).view(np.uint8)
+    q3k = blocks.reshape(rows, -1)
     path = tmp_path / "mixed.gguf"
     writer_tensors = {k: v for k, v in w.items() if k not in ("layers.0.w_up", "layers.1.wq")}
     wr = gguf.GGUFWriter(str(path), "llama")
@@ -149,19 +148,19 @@ def test_gguf_types_without_native_kernels_are_transcoded_with_one_notice(tmp_pa
     from llamacpu.loaders.gguf import to_gguf_name
     for name, t in writer_tensors.items():
         wr.add_tensor(to_gguf_name(name), t)
-    q5 = gguf.quants.quantize(w["layers.1.wq"], gguf.GGMLQuantizationType.Q5_0)
-    wr.add_tensor("blk.1.attn_q.weight", q5, raw_shape=q5.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
-    wr.add_tensor("blk.0.ffn_up.weight", q4k, raw_shape=q4k.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    fp4 = gguf.quants.quantize(w["layers.1.wq"], gguf.GGMLQuantizationType.MXFP4)
+    wr.add_tensor("blk.1.attn_q.weight", fp4, raw_shape=fp4.shape, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+    wr.add_tensor("blk.0.ffn_up.weight", q3k, raw_shape=q3k.shape, raw_dtype=gguf.GGMLQuantizationType.Q3_K)
     wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
 
     ck = load_checkpoint(path)
-    assert ck.notices == ["transcoded at load (the kernels run Q8_0/Q4_0/Q4_1 natively; `llamacpu convert` "
-                          "does it once): 1 × Q4_K→q8_0, 1 × Q5_0→q8_0"]
+    assert ck.notices == ["transcoded at load (the kernels run Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K natively; "
+                          "`llamacpu convert` does it once): 1 × MXFP4→q8_0, 1 × Q3_K→q8_0"]
     assert ck.tensors["layers.0.w_up"].fmt == "q8_0" and ck.tensors["layers.1.wq"].fmt == "q8_0"
     # What was transcoded is data (convert branches on it); the notice is built from it.
-    assert ck.transcoded == {"layers.0.w_up": ("Q4_K", "q8_0"), "layers.1.wq": ("Q5_0", "q8_0")}
+    assert ck.transcoded == {"layers.0.w_up": ("Q3_K", "q8_0"), "layers.1.wq": ("MXFP4", "q8_0")}
     assert load_checkpoint(path, dequantize=True).transcoded == {}
-    expected_up = gguf.quants.dequantize(q4k, gguf.GGMLQuantizationType.Q4_K)
+    expected_up = gguf.quants.dequantize(q3k, gguf.GGMLQuantizationType.Q3_K)
     np.testing.assert_allclose(ck.tensors["layers.0.w_up"].dequantize(),
                                quantize(expected_up, "q8_0").dequantize(), rtol=0, atol=0)
     model = Model(ck.config, ck.tensors)

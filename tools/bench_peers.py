@@ -6,14 +6,16 @@ Sizes (files from tools/make_bench_models.py, made on first use under .cache/mod
 every one quantized by llama.cpp's own quantizer, so both engines run the very same bytes):
 
     135m  SmolLM2-135M (real weights)   Q8_0, Q4_0   512-token prefill, 128-token decode
-    1b    TinyLlama-1.1B shape (random) Q8_0, Q4_0   512-token prefill,  64-token decode
+    1b    TinyLlama-1.1B shape (random) Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K
+                                                     512-token prefill,  64-token decode
     7b    Llama-2-7B shape (random)     Q4_0         decode and memory: 16-token prompt, 64-token decode
 
 Each engine runs each file in its own subprocess (so that its peak RSS is its own), with the
 same thread count, prompt (seeded random ids) and greedy decode: one untimed warm-up, then
 --repeats timed runs; the best run counts (a shared machine's noise only slows runs down),
 and the spread (sample sd) is printed beside it. llama.cpp is timed around its `eval` calls.
-The 7b row also checks llamacpu's peak RSS against file + KV cache + 300 MB.
+The 1b and 7b rows also check llamacpu's peak RSS against file + KV cache + 300 MB.
+--formats limits the run to some formats (e.g. --sizes 1b --formats Q4_K_M).
 transformers fp32 (135m only, --transformers) is a third, slow reference.
 """
 
@@ -36,8 +38,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 # size → (formats, prompt tokens, decode tokens)
-PLAN = {"135m": (("Q8_0", "Q4_0"), 512, 128), "1b": (("Q8_0", "Q4_0"), 512, 64), "7b": (("Q4_0",), 16, 64)}
-RSS_MARGIN_MB = 300  # the 7b target: peak RSS <= file + KV cache + this
+PLAN = {"135m": (("Q8_0", "Q4_0"), 512, 128), "1b": (("Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"), 512, 64),
+        "7b": (("Q4_0",), 16, 64)}
+RSS_MARGIN_MB = 300  # the 1b/7b target: peak RSS <= file + KV cache + this
+RSS_SIZES = ("1b", "7b")
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -158,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of engines to skip: llamacpu,llama.cpp")
+    ap.add_argument("--formats", default="", help="comma list of formats to run (default: every one of a size)")
     ap.add_argument("--transformers", action="store_true", help="also run transformers fp32 (135m only; slow)")
     ap.add_argument("--json", type=Path, help="also write every row to this JSON file")
     # worker mode (internal): one engine on one file
@@ -184,7 +189,8 @@ def main() -> None:
     for size in sizes:
         formats, prompt, gen = PLAN[size]
         files = ensure(size, model=args.model)
-        for fmt in formats:
+        wanted = set(filter(None, args.formats.split(",")))
+        for fmt in [f for f in formats if not wanted or f in wanted]:
             for engine in engines:
                 r = run_worker(engine, files[fmt], prompt, gen, args)
                 r.update(size=size, fmt=fmt, engine=engine, prompt=prompt, gen=gen,
@@ -203,7 +209,7 @@ def main() -> None:
     print(blas_line())
     print(f"{args.threads} threads, best of {args.repeats} runs after a warm-up (± sample sd of the runs); "
           f"ratios are llamacpu / llama.cpp on the same file")
-    head = (f"{'size':<5}{'format':<7}{'engine':<13}{'prompt':>7}{'prefill t/s':>17}{'decode t/s':>16}"
+    head = (f"{'size':<5}{'format':<8}{'engine':<13}{'prompt':>7}{'prefill t/s':>17}{'decode t/s':>16}"
             f"{'pre ratio':>10}{'dec ratio':>10}{'peak RSS MB':>12}{'file MB':>9}{'load s':>8}")
     print(head)
     print("-" * len(head))
@@ -214,11 +220,11 @@ def main() -> None:
         has_prefill = r["prompt"] >= 64
         pre = f"{r['prefill']:.1f} ±{r['prefill_sd']:.1f}" if has_prefill else "-"
         dec = f"{r['decode']:.1f} ±{r['decode_sd']:.1f}"
-        print(f"{r['size']:<5}{r['fmt']:<7}{r['engine']:<13}{r['prompt']:>7}{pre:>17}{dec:>16}"
+        print(f"{r['size']:<5}{r['fmt']:<8}{r['engine']:<13}{r['prompt']:>7}{pre:>17}{dec:>16}"
               f"{ratio('prefill') if has_prefill else '':>10}{ratio('decode'):>10}"
               f"{r['rss_mb']:>12.0f}{r['file_mb']:>9.0f}{r['load']:>8.2f}")
     for r in rows:
-        if r["engine"] == "llamacpu" and r["size"] == "7b":
+        if r["engine"] == "llamacpu" and r["size"] in RSS_SIZES:
             budget = r["file_mb"] + r["kv_mb"] + RSS_MARGIN_MB
             verdict = "within" if r["rss_mb"] <= budget else "OVER"
             print(f"llamacpu {r['size']} {r['fmt']}: peak RSS {r['rss_mb']:.0f} MB {verdict} file {r['file_mb']:.0f} "
