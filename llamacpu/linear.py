@@ -58,6 +58,9 @@ class PackedBlocks:
     f16 bits (uint16); m: (..., G, nb, 16) f16 bits, or (..., G, nb, 0) when the format has no
     offsets (bits 8: w = d q; bits 4 without m is q4_0: w = d (q - 8)); s: (..., G, nb, 16)
     int16 sums of each block's quants (bits 8), or (..., G, nb, 0). `rows` real rows out of 16 G.
+    `bits` may instead be a K-quant kind (`kernels.KQ_KINDS`), whose planes are laid out at
+    kernels' K-quant section: w (..., G, nb, 256 | 320 | 384), d (..., G, nb/8, 16 | 32),
+    s (..., G, nb, 16) sub-scales, m (..., G, nb, 16 | 0) mins.
     """
 
     w: np.ndarray

@@ -9,7 +9,8 @@ llama.cpp would make `output.weight` Q6_K). The K-quant files (Q4_K_M, Q5_K_M, Q
 llama.cpp's own mixture, as people download them (e.g. Q4_K_M: Q6_K for `output.weight` and
 for `attn_v`/`ffn_down` of some layers, Q4_K elsewhere).
 
-- 135m: SmolLM2-135M-Instruct, requantized from the shipped Q4_1 file (--model).
+- 135m: SmolLM2-135M-Instruct, requantized from the shipped Q4_1 file (--model). Its rows of
+        576 are not a multiple of 256, so its K-quant files mix in Q5_0/Q5_1/Q8_0.
 - 1b:   TinyLlama-1.1B's shape (dim 2048, 22 layers, 32 heads, 4 KV heads, FFN 5632).
 - 7b:   Llama-2-7B's shape (dim 4096, 32 layers, 32 heads, FFN 11008).
 
@@ -63,7 +64,7 @@ SHAPES = {
                 ("Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")),
     "7b": Shape("llama2-7b-shape", 4096, 32, 32, 32, 11008, 4096, "Q8_0", ("Q4_0",)),
 }
-REAL = {"135m": ("smollm2-135m", ("Q8_0", "Q4_0"))}
+REAL = {"135m": ("smollm2-135m", ("Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"))}
 WEIGHT_STD = 0.02
 
 
