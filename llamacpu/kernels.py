@@ -1041,10 +1041,31 @@ def store_kv(cache_k, cache_v, pos, k, v):
 # The whole decode step: one call per token, so per-token Python overhead is one dispatch.
 
 
-@njit(inline="always")
 def _at(wt, li):
-    """Layer li of a stacked packed weight (w, d, m, s, bits)."""
-    return (wt[0][li], wt[1][li], wt[2][li], wt[3][li], wt[4])
+    """Layer li of a stacked packed weight: (w, d, m, s, bits) of that layer."""
+
+
+@overload(_at, inline="always")
+def _at_impl(wt, li):
+    if wt[0].ndim == 4:  # one kind for every layer: (w, d, m, s) stacked (L, G, ...), and bits
+        return lambda wt, li: (wt[0][li], wt[1][li], wt[2][li], wt[3][li], wt[4])
+
+    # Layers of different K-quant kinds (llama.cpp's mixtures give some layers' attn_v/ffn_down
+    # Q6_K): flat w, d, m, s buffers and a table (L, LAYER_FIELDS) of each layer's kind, shapes
+    # and offsets (see linear.PackedLayers).
+    def ragged(wt, li):
+        k = wt[4][li]
+        kind, G, nb, wlast, dsb, dlast, mlast, w0, d0, m0, s0 = (k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7],
+                                                                  k[8], k[9], k[10])
+        w = wt[0][w0:w0 + G * nb * wlast].reshape((G, nb, wlast))
+        d = wt[1][d0:d0 + G * dsb * dlast].reshape((G, dsb, dlast))
+        m = wt[2][m0:m0 + G * nb * mlast].reshape((G, nb, mlast))
+        s = wt[3][s0:s0 + G * nb * RG].reshape((G, nb, RG))
+        return (w, d, m, s, kind)
+    return ragged
+
+
+LAYER_FIELDS = 11  # kind, G, nb, w bytes per block, d super-blocks, d per super-block, m per block, 4 offsets
 
 
 @njit(cache=ISA_CACHE)
@@ -1055,7 +1076,8 @@ def decode_step(x, pos, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, head,
     x (D,) f32: the token's embedding, overwritten with the final residual stream.
     pos: its position; cache_k/v (L, max_seq, Hkv, hd) receive its K/V at `pos`.
     Each weight is a tuple (w, d, m, s, bits) in the row-group layout (see `gemm_blocks`),
-    stacked per layer (L, G, nb, ...), rows fused and padded to a multiple of 16:
+    stacked per layer (L, G, nb, ...), or layers of different K-quant kinds in flat buffers
+    with a per-layer table (see `_at`), rows fused and padded to a multiple of 16:
     qkv (H*hd + 2*Hkv*hd rows, in D), o (D, in H*hd), gate_up (2F with gate rows first, in D),
     down (D, in F); head (V, in D) unstacked. attn_norm, mlp_norm (L, D); norm (D,);
     cos, sin (max_pos, hd/2). logits (>= 16 G_head,) f32 is written (the first V are the logits).
@@ -1065,7 +1087,7 @@ def decode_step(x, pos, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, head,
     hd = cos.shape[1] * 2
     qd = n_heads * hd
     kvd = n_kv_heads * hd
-    F = down[0].shape[2] * BLOCK
+    F = _at(down, 0)[0].shape[1] * BLOCK
     width = max(D, F, qd)
     xq = np.empty(planes * width, dtype=np.int8)
     xu = np.empty(planes * width, dtype=np.uint8)
@@ -1073,10 +1095,10 @@ def decode_step(x, pos, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, head,
     xs = np.empty(planes * width // BLOCK, dtype=np.float32)
     h = np.empty((1, D), dtype=np.float32)
     x2 = x.reshape(1, D)
-    qkv_y = np.empty((1, qkv[0].shape[1] * RG), dtype=np.float32)
+    qkv_y = np.empty((1, _at(qkv, 0)[0].shape[0] * RG), dtype=np.float32)
     att = np.empty((1, qd), dtype=np.float32)
-    proj = np.empty((1, o[0].shape[1] * RG), dtype=np.float32)
-    gu = np.empty((1, gate_up[0].shape[1] * RG), dtype=np.float32)
+    proj = np.empty((1, _at(o, 0)[0].shape[0] * RG), dtype=np.float32)
+    gu = np.empty((1, _at(gate_up, 0)[0].shape[0] * RG), dtype=np.float32)
     act = np.empty((1, F), dtype=np.float32)
     for li in range(L):
         # attention block: x += Wo · attn(rope(Wq h), rope(Wk h), Wv h), h = norm(x)

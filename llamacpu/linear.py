@@ -323,7 +323,7 @@ def _k_planes(q: np.ndarray, qbits: int) -> np.ndarray:
     return np.concatenate([nib, plane], axis=-1)
 
 
-K_PACK_ROWS = 4096  # rows packed per step: bounds the packer's temporaries (~100 bytes a weight) to ~100 MB
+K_PACK_ROWS = 1024  # rows packed per step: bounds the packer's temporaries (a few tens of bytes a weight)
 
 
 def _rows(group: list[QTensor], r0: int, r1: int) -> list[QTensor]:
@@ -384,6 +384,80 @@ def _pack_k_stack(groups: list[list[QTensor]], fmts: set[str]) -> PackedBlocks:
         for t in g:
             release(t.data)  # copied: its mmapped pages need not stay resident too
     return PackedBlocks(w, d, m, s, kind, R, cols)
+
+
+@dataclass(frozen=True)
+class PackedLayers:
+    """Per-layer packed matrices whose K-quant kinds differ between layers (llama.cpp's Q4_K_M
+    gives some layers' attn_v and ffn_down Q6_K), each in its own kind, in flat buffers: the
+    decode kernel finds layer i through `table[i]` (kernels' `_at`); `layers[i]` is the same
+    matrix as a PackedBlocks view, for the prefill. One stacked kind would widen every layer
+    to the widest (measured at the 1.1B shape: ffn_down 215 MiB instead of 165)."""
+
+    layers: tuple[PackedBlocks, ...]
+    w: np.ndarray  # flat uint8
+    d: np.ndarray  # flat uint16
+    m: np.ndarray  # flat uint16
+    s: np.ndarray  # flat int16
+    table: np.ndarray  # (L, kernels.LAYER_FIELDS) int64
+
+    @property
+    def rows(self) -> int:
+        return self.layers[0].rows
+
+    @property
+    def cols(self) -> int:
+        return self.layers[0].cols
+
+    @property
+    def padded_rows(self) -> int:
+        return self.layers[0].padded_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.d.nbytes + self.m.nbytes + self.s.nbytes
+
+    @property
+    def kernel_args(self) -> tuple:
+        return (self.w, self.d, self.m, self.s, self.table)
+
+    def __getitem__(self, i: int) -> PackedBlocks:
+        return self.layers[i]
+
+
+def pack_layers(groups: list[list[QTensor]]) -> PackedBlocks | PackedLayers:
+    """Pack L groups (one per layer) for the kernels: one stack when every layer packs to the same
+    kind (`pack_stack`), else each layer in its own K-quant kind (`PackedLayers`)."""
+    kinds = [k_kind({t.fmt for t in g}) if {t.fmt for t in g} <= set(K_QUANTS) else None for g in groups]
+    if len(set(kinds)) == 1:
+        return pack_stack(groups)
+    if None in kinds:
+        raise LlamacpuError("layers mix K-quant and other block formats in the same matrix")
+    first = groups[0]
+    R, cols = sum(t.rows for t in first), first[0].cols
+    G, nb = -(-R // RG), cols // BLOCK
+    table = np.zeros((len(groups), kernels.LAYER_FIELDS), dtype=np.int64)
+    ends = [0, 0, 0, 0]
+    for li, kind in enumerate(kinds):
+        qbits, form = kernels.KQ_KINDS[kind]
+        sizes = (G * nb * kernels.KQ_BYTES[qbits], G * (nb // 8) * (RG if form == kernels.K_CENTER else 2 * RG),
+                 G * nb * (RG if form == kernels.K_GENERAL else 0), G * nb * RG)
+        table[li, :7] = (kind, G, nb, kernels.KQ_BYTES[qbits], nb // 8, sizes[1] // (G * (nb // 8)),
+                         RG if form == kernels.K_GENERAL else 0)
+        table[li, 7:] = ends
+        ends = [e + n for e, n in zip(ends, sizes)]
+    flat = [np.empty(ends[0], np.uint8), np.empty(ends[1], np.uint16), np.empty(ends[2], np.uint16),
+            np.empty(ends[3], np.int16)]
+    layers = []
+    for li, g in enumerate(groups):
+        p = pack_stack([g])[0]
+        views = []
+        for a, buf, off in zip((p.w, p.d, p.m, p.s), flat, table[li, 7:]):
+            v = buf[off:off + a.size].reshape(a.shape)
+            v[...] = a
+            views.append(v)
+        layers.append(PackedBlocks(*views, p.bits, p.rows, p.cols))
+    return PackedLayers(tuple(layers), *flat, table)
 
 
 def pack(t: QTensor) -> PackedBlocks:

@@ -26,7 +26,7 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import ACT_PLANES, Linear, PackedBlocks, fusable, pack, pack_stack
+from .linear import ACT_PLANES, Linear, PackedBlocks, PackedLayers, fusable, pack, pack_layers, pack_stack
 from .quant import QTensor, dequantize
 from .threads import default_threads
 
@@ -106,10 +106,11 @@ class Layer:
 class DecodeWeights:
     """Every layer's block weights stacked (L, row groups, ...) for `kernels.decode_step`."""
 
-    qkv: PackedBlocks  # (L, H*hd + 2*Hkv*hd rows, D)
-    wo: PackedBlocks  # (L, D rows, H*hd)
-    gate_up: PackedBlocks  # (L, 2F rows, D)
-    w_down: PackedBlocks  # (L, D rows, F)
+    # one stack (L, ...), or PackedLayers when the layers' K-quant kinds differ
+    qkv: PackedBlocks | PackedLayers  # (L, H*hd + 2*Hkv*hd rows, D)
+    wo: PackedBlocks | PackedLayers  # (L, D rows, H*hd)
+    gate_up: PackedBlocks | PackedLayers  # (L, 2F rows, D)
+    w_down: PackedBlocks | PackedLayers  # (L, D rows, F)
     head: PackedBlocks  # (V rows, D)
     attn_norm: np.ndarray  # (L, D)
     mlp_norm: np.ndarray  # (L, D)
@@ -207,10 +208,10 @@ class Model:
 
     def _build_packed(self, layer_t: list[dict[str, QTensor]], output: QTensor) -> None:
         stacks = {
-            "qkv": pack_stack([[t["wq"], t["wk"], t["wv"]] for t in layer_t]),
-            "wo": pack_stack([[t["wo"]] for t in layer_t]),
-            "gate_up": pack_stack([[t["w_gate"], t["w_up"]] for t in layer_t]),
-            "w_down": pack_stack([[t["w_down"]] for t in layer_t]),
+            "qkv": pack_layers([[t["wq"], t["wk"], t["wv"]] for t in layer_t]),
+            "wo": pack_layers([[t["wo"]] for t in layer_t]),
+            "gate_up": pack_layers([[t["w_gate"], t["w_up"]] for t in layer_t]),
+            "w_down": pack_layers([[t["w_down"]] for t in layer_t]),
         }
         attn_norm = np.stack([t["attn_norm"].dequantize() for t in layer_t]).astype(np.float32)
         mlp_norm = np.stack([t["mlp_norm"].dequantize() for t in layer_t]).astype(np.float32)

@@ -729,3 +729,17 @@ def test_k_packed_blocks_validates_shapes():
         PackedBlocks(p.w[:, :4], p.d, p.m, p.s, p.bits, p.rows, p.cols)
     with pytest.raises(LlamacpuError):
         PackedBlocks(p.w, p.d, p.m, p.s, p.bits, p.rows, 288)  # not whole super-blocks
+
+
+def test_layers_of_different_k_kinds_pack_per_layer():
+    """llama.cpp's Q4_K_M makes some layers' ffn_down Q6_K: each layer keeps its own kind (not all
+    widened to the widest), in flat buffers whose per-layer views read back exactly."""
+    layers = [[random_kquant(f, 40, 256)] for f in ("q4_k", "q6_k", "q4_k")]
+    packed = linear.pack_layers(layers)
+    assert isinstance(packed, linear.PackedLayers)
+    assert [p.bits for p in packed.layers] == [kernels.KQ4, kernels.KQ6, kernels.KQ4]
+    assert packed.nbytes == sum(p.nbytes for p in packed.layers) < pack_stack(layers).nbytes
+    for p, (t,) in zip(packed.layers, layers):
+        np.testing.assert_allclose(p.dequantize(), t.dequantize(), rtol=2e-7, atol=1e-7 * np.abs(t.dequantize()).max())
+        assert np.shares_memory(p.w, packed.w)
+    assert isinstance(linear.pack_layers([[random_kquant("q4_k", 16, 256)]] * 2), PackedBlocks)  # one kind: a stack
