@@ -277,6 +277,13 @@ def fusable(group: list[QTensor]) -> bool:
     return fmts <= set(PACKABLE) and (fmts <= set(K_QUANTS) or not fmts & set(K_QUANTS))
 
 
+def stackable(groups: list[list[QTensor]]) -> bool:
+    """Whether `pack_layers` takes these per-layer groups: each fusable, and K-quants in every
+    layer or in none."""
+    return (all(fusable(g) for g in groups)
+            and len({all(t.fmt in K_QUANTS for t in g) for g in groups}) == 1)
+
+
 def k_kind(fmts: set[str]) -> int:
     """The kernels' K-quant kind that holds every member format exactly (see `kernels.KQ_KINDS`)."""
     if fmts <= {"q4_k"}:

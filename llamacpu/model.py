@@ -26,7 +26,8 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig
 from .errors import LlamacpuError
-from .linear import ACT_PLANES, Linear, PackedBlocks, PackedLayers, fusable, pack, pack_layers, pack_stack
+from .linear import (ACT_PLANES, Linear, PackedBlocks, PackedLayers, fusable, pack, pack_layers, pack_stack,
+                     stackable)
 from .quant import QTensor, dequantize
 from .threads import default_threads
 
@@ -182,9 +183,8 @@ class Model:
         layer_t = [{n: tensors[f"layers.{i}.{n}"] for n in
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
                    for i in range(c.num_hidden_layers)]
-        groups = [[t[n] for n in names] for t in layer_t for names in FUSED] + [[output]]
         self.decode_weights: DecodeWeights | None = None
-        if all(fusable(g) for g in groups):
+        if fusable([output]) and all(stackable([[t[n] for n in names] for t in layer_t]) for names in FUSED):
             self._build_packed(layer_t, output)
         else:  # some dense (f32/f16) weights: the layer loop for every token
             self.output = self._linear([output])
