@@ -100,7 +100,7 @@ def check_quality(args) -> int:
         print(f"llamacpu  {quant:7s} {r.seconds:6.1f} s  {r.bytes_written:>11,d} B  importance {r.importance}  "
               f"{r.formats}", flush=True)
         theirs = work / f"smollm2.{quant}.llama-cpp.gguf"
-        s = llama_quantize(f32, theirs, quant)
+        s = llama_quantize(f32, theirs, quant) if args.redo or not theirs.exists() else 0.0
         print(f"llama.cpp {quant:7s} {s:6.1f} s  {theirs.stat().st_size:>11,d} B", flush=True)
         if quant in FTYPES and quant != "q4_0":
             a, b = tensor_types(ours), tensor_types(theirs)
@@ -115,16 +115,18 @@ def check_quality(args) -> int:
     base_cpp = score(LlamaCppRuntime(f32, ref))
     print(f"\nperplexity on {PROSE.name}, {base_ours.chunks} chunks of {base_ours.ctx} tokens "
           f"({base_ours.tokens} scored); f32 = SmolLM2's shipped Q4_1 weights dequantized")
-    print(f"{'file':26s} {'bytes':>12s} {'ppl (llama.cpp)':>16s} {'vs f32':>8s} {'ppl (llamacpu f32 path)':>24s}")
-    print(f"{'f32':26s} {f32.stat().st_size:>12,d} {base_cpp.ppl:16.3f} {0:+7.2f}% {base_ours.ppl:24.3f}")
+    print(f"{'file':26s} {'bytes':>12s} {'ppl (llama.cpp)':>16s} {'vs f32':>8s} {'ppl (llamacpu f32 path)':>24s} "
+          f"{'vs f32':>8s}")
+    print(f"{'f32':26s} {f32.stat().st_size:>12,d} {base_cpp.ppl:16.3f} {0:+7.2f}% {base_ours.ppl:24.3f} {0:+7.2f}%")
     for quant, (ours, theirs) in files.items():
         cpp_ours = score(LlamaCppRuntime(ours, ref))
         ours_ours = score(open_model(ours, dequantize=True))
         cpp_theirs = score(LlamaCppRuntime(theirs, ref))
-        print(f"{quant + ' (llamacpu)':26s} {ours.stat().st_size:>12,d} {cpp_ours.ppl:16.3f} "
-              f"{100 * (cpp_ours.ppl / base_cpp.ppl - 1):+7.2f}% {ours_ours.ppl:24.3f}", flush=True)
-        print(f"{quant + ' (llama.cpp)':26s} {theirs.stat().st_size:>12,d} {cpp_theirs.ppl:16.3f} "
-              f"{100 * (cpp_theirs.ppl / base_cpp.ppl - 1):+7.2f}%", flush=True)
+        ours_theirs = score(open_model(theirs, dequantize=True))
+        for name, path, cpp, f32_path in ((f"{quant} (llamacpu)", ours, cpp_ours, ours_ours),
+                                          (f"{quant} (llama.cpp)", theirs, cpp_theirs, ours_theirs)):
+            print(f"{name:26s} {path.stat().st_size:>12,d} {cpp.ppl:16.3f} {100 * (cpp.ppl / base_cpp.ppl - 1):+7.2f}% "
+                  f"{f32_path.ppl:24.3f} {100 * (f32_path.ppl / base_ours.ppl - 1):+7.2f}%", flush=True)
     return 0
 
 
@@ -168,6 +170,7 @@ def main() -> int:
     ap.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                     help="our files with the weights-only importance instead of self-calibration")
     ap.add_argument("--mixtures", action="store_true", help="write tests/data/kquant_mixtures.json")
+    ap.add_argument("--redo", action="store_true", help="remake llama.cpp's files even if they exist in --workdir")
     args = ap.parse_args()
     if args.model is None:
         args.model = fetch(SMOLLM2, ROOT / ".cache" / "models")
