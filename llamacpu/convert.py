@@ -56,6 +56,8 @@ QUANT_VERSION = 2  # ggml's current block-format version, stored as general.quan
 # What `convert --quant` writes: one tensor format throughout, or one of llama.cpp's K-quant
 # mixtures (file types), named as llama.cpp's `llama-quantize` names them.
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
+# What a model can be quantized to at load (`quantize_checkpoint`): the formats the kernels run.
+LOAD_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 # A mixture's default tensor format (llama.cpp's llama_ftype_get_default_type).
 K_MIXTURES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
 # llama.cpp's tensor_type_fallback: a K-quant for a row length that isn't a multiple of 256.
@@ -276,8 +278,9 @@ def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = False
     This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
     calibrate: as `convert_model`'s; off by default here, since it runs the model in f32 first.
     """
-    if quant not in QUANTS:
-        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(QUANTS)}")
+    if quant not in LOAD_QUANTS:
+        hint = " (the K-quant mixtures are written by `llamacpu convert`)" if quant in QUANTS else ""
+        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(LOAD_QUANTS)}{hint}")
     plan, _ = _plan(ckpt, quant, calibrate)
     return replace(ckpt, tensors={p.name: p.make() for p in plan},
                    kept_f16=ckpt.kept_f16 + tuple(p.name for p in plan if p.fallback))

@@ -447,3 +447,10 @@ def test_k_mixture_file(hf_dir, tmp_path):
         np.testing.assert_array_equal(ckpt.tensors[ours].dequantize(), theirs, err_msg=t.name)
     assert out.fallback == [f"layers.{i}.w_down" for i in range(src.config.num_hidden_layers)]
     assert out.importance == "weights-only"
+
+
+def test_k_mixtures_are_for_convert_not_load(hf_dir):
+    with pytest.raises(LlamacpuError, match="written by `llamacpu convert`"):
+        open_model(hf_dir, quant="q4_k_m")
+    with pytest.raises(LlamacpuError, match="unknown quantization 'q4_k'"):
+        convert_model(hf_dir, hf_dir.parent / "x.gguf", "q4_k")  # a tensor format, not a file type
