@@ -100,6 +100,7 @@ BLOCK_FORMATS = {f.name: f for f in (
                 (("d", 0, 2), ("dmin", 2, 2), ("scales", 4, 12), ("qh", 16, 32), ("qs", 48, 128))),
     BlockFormat("q6_k", QK_K, 210, 16, 6, 32, (("ql", 0, 128), ("qh", 128, 64), ("scales", 192, 16), ("d", 208, 2))),
 )}
+F16_MAX = 65504.0  # the largest finite float16
 BLOCK = 32  # weights per block of the 32-weight formats, and per row unit of every format here
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
 FORMATS = ("f32", "f16", *BLOCK_FORMATS)
@@ -250,11 +251,15 @@ def quantize(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> Q
     rounding, and f32/f16 are exact casts.
     """
     w = np.asarray(w, dtype=np.float32)
-    if fmt in FLOAT_DTYPES:
-        return QTensor(fmt, tuple(w.shape), np.ascontiguousarray(w.astype(FLOAT_DTYPES[fmt])))
     shape = tuple(w.shape)
     if fmt not in QUANTIZABLE:
         raise LlamacpuError(f"cannot quantize to {fmt}; llamacpu writes {', '.join(QUANTIZABLE)}")
+    if fmt != "f32" and w.size and np.abs(w).max() > F16_MAX:
+        # Every format but f32 stores values or scales as f16: beyond its range they become inf.
+        raise LlamacpuError(f"cannot store weights of magnitude {np.abs(w).max():g} in {fmt}: "
+                            f"its f16 values or scales stop at {F16_MAX:g}")
+    if fmt in FLOAT_DTYPES:
+        return QTensor(fmt, shape, np.ascontiguousarray(w.astype(FLOAT_DTYPES[fmt])))
     storage_shape(fmt, shape)  # validates
     if not np.isfinite(w).all():
         raise LlamacpuError(f"cannot quantize a tensor of shape {shape} holding NaN or infinity")

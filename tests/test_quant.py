@@ -254,6 +254,10 @@ def test_bad_input_raises():
         quantize(np.zeros((4, 32), np.float32), "q3_k")
     with pytest.raises(LlamacpuError, match="multiple of 256"):
         quantize(np.zeros((4, 576), np.float32), "q4_k")
+    for fmt in ("f16", "q8_0", "q4_k"):  # beyond f16's range: refused, not stored as inf
+        with pytest.raises(LlamacpuError, match="magnitude 1e\\+06"):
+            quantize(np.full((2, 256), 1e6, np.float32), fmt)
+    assert quantize(np.full((2, 256), 1e6, np.float32), "f32").data.max() == 1e6
     w = np.zeros((4, 32), np.float32)
     w[1, 2] = np.nan
     with pytest.raises(LlamacpuError, match="NaN"):
