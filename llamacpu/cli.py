@@ -863,10 +863,10 @@ def convert(
     src: Annotated[str, typer.Argument(metavar="MODEL", help="A model name, a GGUF file or a Hugging Face folder.")],
     out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help="The GGUF file to write.")],
     quant: Annotated[str, typer.Option("--quant", metavar="FORMAT",
-                                       help="Target format: q8_0, q4_0, q4_1, f16 or f32.")] = "q8_0",
+                                       help="Target format: q8_0, q4_0, q4_1, f16, f32, or llama.cpp's mixtures q4_k_m, q5_k_m, q6_k.")] = "q8_0",
     calibrate: Annotated[bool, typer.Option(
         "--calibrate/--no-calibrate",
-        help="q4_0/q4_1: weight the scale search by statistics of text the model samples itself "
+        help="Weight the scale searches (every format but q8_0) by statistics of text the model samples itself "
              "(seeded); --no-calibrate estimates them from the weights alone (faster).")] = True,
     as_json: AsJson = False,
 ) -> None:

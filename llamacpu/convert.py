@@ -1,9 +1,11 @@
-"""Write a checkpoint (HF folder or GGUF) as a standard GGUF v3 file in one tensor format.
+"""Write a checkpoint (HF folder or GGUF) as a standard GGUF v3 file in one tensor format, or in
+one of llama.cpp's K-quant mixtures (q4_k_m, q5_k_m, q6_k).
 
 The output is what llama.cpp's own tools write for a `llama` model: `general.*` and `llama.*`
-metadata, the tokenizer as `tokenizer.ggml.*` keys (plus `llamacpu.tokenizer.*` for exact round
-trips of sentencepiece / tokenizer.json sources), `tokenizer.chat_template`, and tensors under
-GGUF names, rows unchanged (our Q/K row order is already llama.cpp's; see `checkpoint.py`).
+metadata (with llama.cpp's `general.file_type` for the format or mixture), the tokenizer as
+`tokenizer.ggml.*` keys (plus `llamacpu.tokenizer.*` for exact round trips of sentencepiece /
+tokenizer.json sources), `tokenizer.chat_template`, and tensors under GGUF names, rows
+unchanged (our Q/K row order is already llama.cpp's; see `checkpoint.py`).
 
 Which format each tensor gets (`tensor_format`):
 - 1-D tensors (norm gains, `rope_freqs`) stay f32, as llama.cpp keeps them.
@@ -12,13 +14,16 @@ Which format each tensor gets (`tensor_format`):
   Q4_0/Q4_1 give the head Q6_K, or Q8_0 when rows aren't a multiple of 256 (SmolLM2's 576:
   `llama_model_quantize` logs "token_embd.weight ... falling back to q8_0"). An untied token
   embedding is only gathered row by row and takes the requested format, as in llama.cpp.
+- The K-quant mixtures choose per tensor exactly as llama.cpp's `llama_tensor_get_type` does
+  (Q6_K for the head and, in some layers, for wv and w_down; fallbacks to Q5_0/Q5_1/Q8_0 for
+  rows that aren't a multiple of 256): see `tensor_format`.
 - A matrix whose row length isn't a multiple of 32 can't be blocked: it falls back to f16
   and is listed in `ConvertReport.fallback`.
-For q4_0/q4_1, each block's scale search (`quant.py`) weights the error of input column j by an
-estimate of E[h_j^2] for that matrix's input. By default that is measured on ~1k tokens the
-model samples itself from its f32 weights (`calibrate.self_calibrate`, seeded, so conversion
-is deterministic); with `calibrate=False`, or for a model too large to run in f32 here
-(over CALIBRATION_MAX_PARAMS), it is derived from the weights alone (`input_importance`).
+Every format but q8_0 searches its scales (`quant.py`), weighting the error of input column j
+by an estimate of E[h_j^2] for that matrix's input. By default that is measured on ~1k tokens
+the model samples itself from its f32 weights (`calibrate.self_calibrate`, seeded, so
+conversion is deterministic); with `calibrate=False`, or for a model too large to run in f32
+here (over CALIBRATION_MAX_PARAMS), it is derived from the weights alone (`input_importance`).
 
 Weights are produced one tensor at a time (a GGUF source is dequantized tensor by tensor
 from its mmap; a tensor already in the target format is copied as is) and streamed to a
@@ -43,10 +48,22 @@ import numpy as np
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import LlamacpuError
 from .loaders.gguf import SAMPLING_KEYS, to_gguf_name
-from .quant import BLOCK, BLOCK_FORMATS, QUANTIZABLE, QTensor, quantize, storage_shape
+from .quant import BLOCK_FORMATS, QTensor, quantize, storage_shape
 from .sampling import INT_SETTINGS
 
 QUANT_VERSION = 2  # ggml's current block-format version, stored as general.quantization_version
+
+# What `convert --quant` writes: one tensor format throughout, or one of llama.cpp's K-quant
+# mixtures (file types), named as llama.cpp's `llama-quantize` names them.
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
+# What a model can be quantized to at load (`quantize_checkpoint`): the formats the kernels run.
+LOAD_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+# A mixture's default tensor format (llama.cpp's llama_ftype_get_default_type).
+K_MIXTURES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
+# llama.cpp's tensor_type_fallback: a K-quant for a row length that isn't a multiple of 256.
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# Formats whose scales are searched with the column importance (Q8_0 keeps ggml's rule).
+SEARCHED = tuple(f for f in BLOCK_FORMATS if f != "q8_0")
 
 
 @dataclass
@@ -60,7 +77,7 @@ class ConvertReport:
     bytes_written: int = 0
     seconds: float = 0.0
     formats: dict[str, int] = field(default_factory=dict)  # tensor count per stored format
-    importance: str | None = None  # 4-bit column importance: "self-calibrated", "weights-only", None
+    importance: str | None = None  # column importance of the searches: "self-calibrated", "weights-only", None
 
 
 def _discard(writer, tmp: Path) -> None:
@@ -84,16 +101,17 @@ def convert_model(src: str | Path, out: str | Path, quant: str = "q8_0",
                   calibrate: bool = True) -> ConvertReport:
     """Convert the HF folder or GGUF file `src` into a GGUF file `out` with weights in `quant`.
 
-    quant: one of f32, f16, q8_0, q4_0, q4_1. progress(done, total, tensor_name) is called
-    after each tensor is written. calibrate: for q4_0/q4_1, weight the scale search by input
-    statistics the model's own samples give (False: estimated from the weights alone).
+    quant: one of QUANTS: f32, f16, q8_0, q4_0, q4_1, or llama.cpp's mixtures q4_k_m, q5_k_m,
+    q6_k (see `tensor_format`). progress(done, total, tensor_name) is called after each tensor
+    is written. calibrate: weight every searched format's scale search by input statistics the
+    model's own samples give (False: estimated from the weights alone).
     Raises LlamacpuError on bad input or a failed write.
     """
     import gguf
 
     t0 = time.perf_counter()
-    if quant not in QUANTIZABLE:
-        raise LlamacpuError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTIZABLE)}")
+    if quant not in QUANTS:
+        raise LlamacpuError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     src, out = Path(src), Path(out)
     if out.is_dir():
         raise LlamacpuError(f"{out} is a directory; give the output file's name")
@@ -169,18 +187,51 @@ class _Planned:
         return int(np.prod(self.shape)) * (4 if self.fmt == "f32" else 2)
 
 
-def tensor_format(name: str, shape: tuple[int, ...], quant: str, *, tied: bool) -> tuple[str, bool]:
-    """(stored format, fell back to f16?) for tensor `name` when converting to `quant`."""
+def tensor_format(name: str, shape: tuple[int, ...], quant: str, *, tied: bool, n_layers: int) -> tuple[str, bool]:
+    """(stored format, fell back to f16?) for tensor `name` (llamacpu's name) when converting to
+    `quant`, a model of `n_layers` layers.
+
+    The K-quant mixtures follow llama.cpp's `llama_tensor_get_type` for a `llama` model with one
+    expert (src/llama-quant.cpp), then its `tensor_type_fallback`:
+    - the output head (`output`, or the token embedding when tied): q6_k, or q8_0 when its rows
+      aren't a multiple of 256;
+    - q4_k_m and q5_k_m: `wv` and `w_down` get q6_k in the "use more bits" layers (the first
+      and last eighth, and every third layer between);
+    - everything else: the mixture's K-quant (q4_k, q5_k, q6_k);
+    - then a K-quant whose rows aren't a multiple of 256 falls back: q4_k → q5_0, q5_k → q5_1,
+      q6_k → q8_0 (SmolLM2's 576-wide rows: every matrix but w_down).
+    """
     if len(shape) == 1:
         return "f32", False
     if quant in ("f32", "f16"):
         return quant, False
-    if shape[-1] % BLOCK:
-        return "f16", True
+    cols = shape[-1]
     is_head = name == "output" or (name == "embed" and tied)
-    if is_head and quant in ("q4_0", "q4_1"):
-        return "q8_0", False
-    return quant, False
+    if quant in K_MIXTURES:
+        fmt = K_MIXTURES[quant]
+        if is_head:
+            fmt = "q8_0" if cols % BLOCK_FORMATS[fmt].weights else "q6_k"
+        elif quant != "q6_k" and name.endswith((".wv", ".w_down")) and _use_more_bits(_layer(name), n_layers):
+            fmt = "q6_k"
+        if cols % BLOCK_FORMATS[fmt].weights:
+            fmt = K_FALLBACK.get(fmt, fmt)
+    else:
+        # q4_0/q4_1 give the head q8_0 (llama.cpp: q6_k, or q8_0 when rows aren't a multiple of
+        # 256, as SmolLM2's 576 aren't): every logit goes through it.
+        fmt = "q8_0" if is_head and quant in ("q4_0", "q4_1") else quant
+    if cols % BLOCK_FORMATS[fmt].weights:
+        return "f16", True
+    return fmt, False
+
+
+def _layer(name: str) -> int:
+    """`layers.{i}.…` → i."""
+    return int(name.split(".")[1])
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 # Self-calibration runs the model in f32 with every weight dequantized at once, about 1k tokens:
@@ -190,7 +241,7 @@ CALIBRATION_MAX_PARAMS = 1_000_000_000
 
 
 def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_Planned], str | None]:
-    """The tensors to write, in order, and which 4-bit importance their search uses (None: no search)."""
+    """The tensors to write, in order, and which importance their searches use (None: no search)."""
     c = ckpt.config
     tensors = dict(ckpt.tensors)
     factors = c.rope_freqs()
@@ -200,9 +251,10 @@ def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_P
         tensors["rope_freqs"] = QTensor("f32", factors.shape, factors)
     order = ["embed", "output", "norm", "rope_freqs"]
     names = [n for n in order if n in tensors] + [n for n in tensors if n not in order]
-    formats = {n: tensor_format(n, tensors[n].shape, quant, tied=c.tie_word_embeddings) for n in names}
-    # Importance only matters where a 4-bit search will run (a same-format tensor is copied).
-    searched = any(f in ("q4_0", "q4_1") and tensors[n].fmt != f for n, (f, _) in formats.items())
+    formats = {n: tensor_format(n, tensors[n].shape, quant, tied=c.tie_word_embeddings, n_layers=c.num_hidden_layers)
+               for n in names}
+    # Importance only matters where a search will run (a same-format tensor is copied).
+    searched = any(f in SEARCHED and tensors[n].fmt != f for n, (f, _) in formats.items())
     importance, how = {}, None
     if searched:
         n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
@@ -214,7 +266,7 @@ def _plan(ckpt: Checkpoint, quant: str, calibrate: bool = True) -> tuple[list[_P
     for name in names:
         src = tensors[name]
         fmt, fallback = formats[name]
-        imp = importance.get(name) if fmt in ("q4_0", "q4_1") else None
+        imp = importance.get(name) if fmt in SEARCHED else None
         plan.append(_Planned(name, to_gguf_name(name), src.shape, fmt, fallback,
                              make=lambda s=src, f=fmt, i=imp: _convert_tensor(s, f, i)))
     return plan, how
@@ -226,8 +278,9 @@ def quantize_checkpoint(ckpt: Checkpoint, quant: str, *, calibrate: bool = False
     This is how an HF folder runs without converting it first (`open_model(..., quant=...)`).
     calibrate: as `convert_model`'s; off by default here, since it runs the model in f32 first.
     """
-    if quant not in QUANTIZABLE:
-        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(QUANTIZABLE)}")
+    if quant not in LOAD_QUANTS:
+        hint = " (the K-quant mixtures are written by `llamacpu convert`)" if quant in QUANTS else ""
+        raise LlamacpuError(f"unknown format {quant!r}; choose one of {', '.join(LOAD_QUANTS)}{hint}")
     plan, _ = _plan(ckpt, quant, calibrate)
     return replace(ckpt, tensors={p.name: p.make() for p in plan},
                    kept_f16=ckpt.kept_f16 + tuple(p.name for p in plan if p.fallback))
@@ -255,7 +308,7 @@ def _normalised(importance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if np.isfinite(v).all() and v.mean() > 0}
 
 
-# Column importance for the 4-bit scale search: E[h_j^2] for the input h of each y = W h, from the
+# Column importance for the scale searches: E[h_j^2] for the input h of each y = W h, from the
 # weights alone, by propagating second moments through the network (no calibration data).
 # Channels are treated as independent; s (D,) tracks E[x_k^2] of the residual stream x:
 #   start      s = mean over the vocabulary of embed[v, k]^2
@@ -320,7 +373,8 @@ def _metadata(ckpt: Checkpoint, quant: str) -> dict[str, tuple[Any, Any, Any]]:
     T = gguf.GGUFValueType
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quant]
+                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+                 "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}[quant]
     meta: dict[str, tuple[Any, Any, Any]] = {}
     if ckpt.hf_dir is None:
         meta.update(_carried_gguf_metadata(ckpt.meta))

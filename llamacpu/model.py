@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
+from typing import Callable
 
 import numba
 import numpy as np
@@ -40,7 +41,12 @@ KV_DTYPES = (np.float32, np.float16)
 ACT_BITS = tuple(ACT_PLANES)
 ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
-FUSED = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))  # matrices run as one, per layer
+# An observer of the linear layers' inputs, e.g. for calibration: the layer loop calls
+# observe(layer, group, h) with the input h (T, in) f32 of each fused matrix group, before the
+# product. A view that is reused afterwards: copy what you keep. The groups, each packed and run
+# as one matrix per layer:
+LINEAR_GROUPS = {"qkv": ("wq", "wk", "wv"), "wo": ("wo",), "gate_up": ("w_gate", "w_up"), "w_down": ("w_down",)}
+Observer = Callable[[int, str, np.ndarray], None]
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -184,7 +190,7 @@ class Model:
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
                    for i in range(c.num_hidden_layers)]
         self.decode_weights: DecodeWeights | None = None
-        if fusable([output]) and all(stackable([[t[n] for n in names] for t in layer_t]) for names in FUSED):
+        if fusable([output]) and all(stackable([[t[n] for n in names] for t in layer_t]) for names in LINEAR_GROUPS.values()):
             self._build_packed(layer_t, output)
         else:  # some dense (f32/f16) weights: the layer loop for every token
             self.output = self._linear([output])
@@ -250,19 +256,22 @@ class Model:
             self.cos, self.sin = rope_tables(self.inv_freq, max(cache.max_seq, 2 * len(self.cos)))
         return tokens
 
-    def forward(self, tokens, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, *, all_logits: bool = False,
+                observe: Observer | None = None) -> np.ndarray:
         """Run `tokens` (T,) at positions cache.pos.., append their K/V to `cache`.
 
         Returns logits (T, V) if `all_logits`, else (V,) for the last token only.
+        observe: called with every linear group's input (see `Observer`); it runs the layer
+        loop even for one token (the fused decode kernel has no such hook).
         """
         tokens = self._check(tokens, cache)
-        if len(tokens) == 1 and self.decode_weights is not None:
+        if len(tokens) == 1 and self.decode_weights is not None and observe is None:
             logits = self._decode(tokens, cache)
             return logits[None] if all_logits else logits
-        logits = self._prefill(tokens, [(cache, 0, len(tokens))], all_logits)
+        logits = self._prefill(tokens, [(cache, 0, len(tokens))], all_logits, observe)
         return logits if all_logits else logits[0]
 
-    def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
+    def forward_batch(self, tokens, caches: list[KVCache], *, observe: Observer | None = None) -> np.ndarray:
         """One new token for each of B sequences, each at its own cache's position: tokens (B,)
         and B distinct caches → logits (B, V); each token's K/V is appended to its cache.
 
@@ -278,7 +287,7 @@ class Model:
         for token, cache in zip(tokens, caches):
             self._check([token], cache)
         spans = [(cache, b, b + 1) for b, cache in enumerate(caches)]
-        return self._prefill(tokens, spans, False)
+        return self._prefill(tokens, spans, False, observe)
 
     def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token through the fused kernel → logits (V,)."""
@@ -300,7 +309,8 @@ class Model:
         kernels.rms_norm(x, weight, float(self.config.rms_norm_eps), out)
         return out
 
-    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool) -> np.ndarray:
+    def _prefill(self, tokens: np.ndarray, spans: list[tuple[KVCache, int, int]], all_logits: bool,
+                 observe: Observer | None = None) -> np.ndarray:
         """The layer loop over T rows. Rows r0:r1 of each span (cache, r0, r1) continue that cache
         from its position: a prefill is one span of T rows, a batched decode B spans of one row.
         Returns logits (T, V) if `all_logits`, else (spans, V) for each span's last row."""
@@ -309,6 +319,8 @@ class Model:
         x = self.embed_tokens(tokens)  # (T, D)
         for li, layer in enumerate(self.layers):
             h = self._norm(x, layer.attn_norm)  # (T, D)
+            if observe is not None:
+                observe(li, "qkv", h)
             qkv = layer.qkv(h)  # (T, H*hd + 2*Hkv*hd)
             q = np.ascontiguousarray(qkv[:, :c.q_dim].reshape(T, H, hd))  # (T, H, hd)
             k = np.ascontiguousarray(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, Hkv, hd))  # (T, Hkv, hd)
@@ -323,11 +335,17 @@ class Model:
                 ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
                 vs = cache.v[li, :S].astype(np.float32, copy=False)
                 a[r0:r1] = attention(q[r0:r1], ks, vs, start, self.threads)
+            if observe is not None:
+                observe(li, "wo", a.reshape(T, c.q_dim))
             x += layer.wo(a.reshape(T, c.q_dim))  # (T, D)
             h = self._norm(x, layer.mlp_norm)
+            if observe is not None:
+                observe(li, "gate_up", h)
             gu = layer.gate_up(h)  # (T, 2F): gate | up
             act = np.empty((T, F), dtype=np.float32)
             kernels.swiglu_rows(gu, act, self.threads)  # SwiGLU: silu(gate) * up
+            if observe is not None:
+                observe(li, "w_down", act)
             x += layer.w_down(act)
         for cache, r0, r1 in spans:
             cache.pos += r1 - r0

@@ -29,13 +29,14 @@ Bit order, the only place it is written down:
   qh[l].
 
 How scales are chosen. Q8_0 uses ggml's reference rule (d = amax/127, round half away from
-zero), bit for bit, so files match llama.cpp's. The 4-bit formats search, per block, for the
-scale (and, for Q4_1, the minimum) that minimises the *weighted* squared error
-sum_i a_i (x_i - x̂_i)^2 instead of taking amax/-8 or min/max: with 16 levels, letting the
-largest weight clip slightly buys finer steps for the other 31. The weights `a` are an
-optional importance per element: the output error of y = W h is sum_j e_j h_j, so an error
-in input column j costs in proportion to E[h_j^2]; `calibrate.self_calibrate` measures that on
-text the model samples itself, `convert.input_importance` estimates it from the weights alone.
+zero), bit for bit, so files match llama.cpp's. Every other format searches, per block, for the
+scale (and minimum) that minimises the *weighted* squared error sum_i a_i (x_i - x̂_i)^2 instead
+of taking amax/-8 or min/max: with 16 or 32 levels, letting the largest weight clip slightly
+buys finer steps for the others. The K-quants also search their integer sub-block scales and
+f16 super-block scales jointly (`qsearch.py`). The weights `a` are an optional importance per
+element: the output error of y = W h is sum_j e_j h_j, so an error in input column j costs in
+proportion to E[h_j^2]; `calibrate.self_calibrate` measures that on text the model samples
+itself, `convert.input_importance` estimates it from the weights alone.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ BLOCK_FORMATS = {f.name: f for f in (
                 (("d", 0, 2), ("dmin", 2, 2), ("scales", 4, 12), ("qh", 16, 32), ("qs", 48, 128))),
     BlockFormat("q6_k", QK_K, 210, 16, 6, 32, (("ql", 0, 128), ("qh", 128, 64), ("scales", 192, 16), ("d", 208, 2))),
 )}
+F16_MAX = 65504.0  # the largest finite float16
 BLOCK = 32  # weights per block of the 32-weight formats, and per row unit of every format here
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
 FORMATS = ("f32", "f16", *BLOCK_FORMATS)
@@ -237,40 +239,49 @@ def dequantize(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
     return w.reshape(shape)
 
 
-QUANTIZABLE = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # formats `quantize` writes
+QUANTIZABLE = FORMATS  # formats `quantize` writes: all of them
 
 
 def quantize(w: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> QTensor:
     """Quantize a float matrix (or vector, for f32/f16) into `fmt`.
 
     importance: optional non-negative weights of each element's squared error, broadcastable
-    to w's shape, e.g. (cols,) for one weight per input column. Only the 4-bit searches use
-    it; Q8_0 keeps ggml's reference rounding, and f32/f16 are exact casts.
+    to w's shape, e.g. (cols,) for one weight per input column. Every block format but Q8_0
+    searches its scales (and mins) for the least weighted error; Q8_0 keeps ggml's reference
+    rounding, and f32/f16 are exact casts.
     """
     w = np.asarray(w, dtype=np.float32)
-    if fmt in FLOAT_DTYPES:
-        return QTensor(fmt, tuple(w.shape), np.ascontiguousarray(w.astype(FLOAT_DTYPES[fmt])))
     shape = tuple(w.shape)
     if fmt not in QUANTIZABLE:
         raise LlamacpuError(f"cannot quantize to {fmt}; llamacpu writes {', '.join(QUANTIZABLE)}")
+    if fmt != "f32" and w.size and np.abs(w).max() > F16_MAX:
+        # Every format but f32 stores values or scales as f16: beyond its range they become inf.
+        raise LlamacpuError(f"cannot store weights of magnitude {np.abs(w).max():g} in {fmt}: "
+                            f"its f16 values or scales stop at {F16_MAX:g}")
+    if fmt in FLOAT_DTYPES:
+        return QTensor(fmt, shape, np.ascontiguousarray(w.astype(FLOAT_DTYPES[fmt])))
     storage_shape(fmt, shape)  # validates
     if not np.isfinite(w).all():
         raise LlamacpuError(f"cannot quantize a tensor of shape {shape} holding NaN or infinity")
-    rows, nb = shape[0], shape[1] // BLOCK
-    x = w.reshape(rows * nb, BLOCK)  # (blocks, 32)
+    bf = BLOCK_FORMATS[fmt]
+    rows, nb = shape[0], shape[1] // bf.weights
+    x = w.reshape(rows * nb, bf.weights)  # (blocks, weights per block)
     a = None
     if importance is not None:
         imp = np.asarray(importance, dtype=np.float32)
         if (imp < 0).any() or not np.isfinite(imp).all():
             raise LlamacpuError("quantization importance must be finite and non-negative")
-        a = np.broadcast_to(imp, shape).reshape(rows * nb, BLOCK)
-    out = np.empty((rows * nb, BLOCK_FORMATS[fmt].nbytes), dtype=np.uint8)  # (blocks, block_bytes)
-    kernel = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1}[fmt]
-    for s in range(0, rows * nb, _CHUNK_BLOCKS):
-        e = min(s + _CHUNK_BLOCKS, rows * nb)
-        xa = None if a is None else np.ascontiguousarray(a[s:e])
-        out[s:e] = np.concatenate(kernel(x[s:e], xa), axis=-1)
-    return QTensor(fmt, shape, out.reshape(rows, nb * BLOCK_FORMATS[fmt].nbytes))
+        a = np.broadcast_to(imp, shape).reshape(rows * nb, bf.weights)
+    out = np.zeros((rows * nb, bf.nbytes), dtype=np.uint8)  # (blocks, block_bytes)
+    kernel = _QUANTIZERS[fmt]
+    step = max(1, _CHUNK_BLOCKS * BLOCK // bf.weights)
+    for s in range(0, rows * nb, step):
+        e = min(s + step, rows * nb)
+        xs = np.ascontiguousarray(x[s:e])
+        xa = np.ones_like(xs) if a is None else np.ascontiguousarray(a[s:e])
+        for name, value in kernel(xs, xa).items():
+            bf.field(out[s:e], name)[:] = value
+    return QTensor(fmt, shape, out.reshape(rows, nb * bf.nbytes))
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -299,44 +310,53 @@ def _round_half_away(v: np.ndarray) -> np.ndarray:
 
 
 def _rowdot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Per-block dot product: (n, 32), (n, 32) → (n,)."""
+    """Per-block dot product: (n, k), (n, k) → (n,)."""
     return np.einsum("ij,ij->i", u, v)
+
+
+def _fifth_bits(q: np.ndarray) -> np.ndarray:
+    """(n, 32) values 0..31 → Q5_0/Q5_1's qh (n, 4): bit i of the little-endian uint32 is q_i's bit 4."""
+    return np.packbits((q >> 4).astype(np.uint8), axis=-1, bitorder="little")
 
 
 # ---- Q8_0: ggml's reference rule --------------------------------------------------------
 
-def _quantize_q8_0(x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
+def _quantize_q8_0(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
     d = np.abs(x).max(axis=-1) / np.float32(127)  # (n,)
     q = _round_half_away(x * _safe_inverse(d)[:, None]).clip(-127, 127).astype(np.int8)
-    return [_f16_bytes(d), q.view(np.uint8)]
+    return {"d": _f16_bytes(d), "qs": q.view(np.uint8)}
 
 
-# ---- Q4_0: weighted search for the scale -------------------------------------------------
+# ---- Q4_0 / Q5_0: weighted search for the scale -------------------------------------------
 
-# Candidate values of x_max / d, where x_max is the block's signed extreme. Negative ones send the
-# extreme to the -8 side (llama.cpp's choice is exactly -8), positive ones to the +7 side; magnitudes
-# above 8 (resp. 7) clip it. Each candidate only proposes a rounding; its scale is then refitted.
-_Q4_0_STEPS = np.concatenate([np.arange(-9.0, -6.49, 0.125), np.arange(6.0, 7.76, 0.125)]).astype(np.float32)
+def _symmetric_steps(lo: int, hi: int) -> np.ndarray:
+    """Candidate values of x_max / d, where x_max is the block's signed extreme. Negative ones send
+    the extreme to the lo side (llama.cpp's choice is exactly lo), positive ones to the hi side;
+    magnitudes above |lo| (resp. hi) clip it. Each candidate only proposes a rounding; its scale
+    is then refitted. Q4_0: -9 .. -6.5 and 6 .. 7.75 in steps of 1/8."""
+    return np.concatenate([lo * np.linspace(1.125, 0.8125, 2 * -lo + 5),
+                           hi * np.linspace(6 / 7, 7.75 / 7, 2 * hi + 1)]).astype(np.float32)
 
 
-def _quantize_q4_0(x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
+def _quantize_symmetric(x: np.ndarray, a: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate rounding q = clip(rint(k · x / x_max)), the least-squares scale is
     d = Σ a x q / Σ a q², which lowers the weighted error by (Σ a x q)² / Σ a q²; the search
-    (`_search_q4_0`) keeps the rounding that lowers it most. Then d is rounded to f16, q rounded
-    against it, and d refitted once more where that helps."""
-    a = np.ones_like(x) if a is None else a
+    (`qsearch.search_symmetric`) keeps the rounding that lowers it most. Then d is rounded to
+    f16, q rounded against it, and d refitted once more where that helps. Returns d (n,) and
+    q (n, k) in [lo, hi]."""
+    from . import qsearch
+
     d = np.empty(len(x), dtype=np.float32)
-    _search_kernels()[0](x, a, _Q4_0_STEPS, d)
-    d = _refit_q4_0(x, a, _to_f16(d))
-    q = np.clip(np.rint(x * _safe_inverse(d)[:, None]), -8, 7) + 8
-    return [_f16_bytes(d), _pack_nibbles(q)]
+    qsearch.search_symmetric(x, a, np.float32(lo), np.float32(hi), _symmetric_steps(lo, hi), d)
+    d = _refit_symmetric(x, a, _to_f16(d), lo, hi)
+    return d, np.clip(np.rint(x * _safe_inverse(d)[:, None]), lo, hi)
 
 
-def _refit_q4_0(x: np.ndarray, a: np.ndarray, d: np.ndarray) -> np.ndarray:
+def _refit_symmetric(x: np.ndarray, a: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """One more least-squares fit of d to the rounding that the f16 scale gives; kept only where it
     lowers the weighted error after its own f16 rounding."""
     def err(dd):
-        q = np.clip(np.rint(x * _safe_inverse(dd)[:, None]), -8, 7)
+        q = np.clip(np.rint(x * _safe_inverse(dd)[:, None]), lo, hi)
         r = x - dd[:, None] * q
         return _rowdot(a * r, r), q
     e0, q = err(d)
@@ -345,120 +365,113 @@ def _refit_q4_0(x: np.ndarray, a: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.where(e1 < e0, d1, d)
 
 
-# ---- Q4_1: weighted search for scale and minimum -----------------------------------------
+def _quantize_q4_0(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    d, q = _quantize_symmetric(x, a, -8, 7)
+    return {"d": _f16_bytes(d), "qs": _pack_nibbles(q + 8)}
 
-# Candidate step counts spanning [min, max]: 15 is ggml's min/max rule, more steps clip the ends.
-_Q4_1_SPANS = np.array([15.0, 15.25, 15.5, 15.75, 16.0, 16.5, 17.0, 17.5, 18.0, 19.0], dtype=np.float32)
+
+def _quantize_q5_0(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    d, q = _quantize_symmetric(x, a, -16, 15)
+    q = (q + 16).astype(np.uint8)
+    return {"d": _f16_bytes(d), "qh": _fifth_bits(q), "qs": _pack_nibbles(q & 0x0F)}
 
 
-def _quantize_q4_1(x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
-    """The search (`_search_q4_1`) tries ggml's min/max grid and wider-step grids centred on the
-    block, refits (d, m) by weighted least squares to each rounding (twice), and keeps the least
-    weighted error. Then d and m are rounded to f16; where that made the block worse than
+# ---- Q4_1 / Q5_1: weighted search for scale and minimum -----------------------------------
+
+# Candidate step counts spanning [min, max], per level: 1 is ggml's min/max rule, more clip the ends.
+_AFFINE_SPANS = np.array([15.0, 15.25, 15.5, 15.75, 16.0, 16.5, 17.0, 17.5, 18.0, 19.0], dtype=np.float32) / 15
+
+
+def _quantize_affine(x: np.ndarray, a: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The search (`qsearch.search_affine`) tries ggml's min/max grid and wider-step grids centred
+    on the block, refits (d, m) by weighted least squares to each rounding (twice), and keeps the
+    least weighted error. Then d and m are rounded to f16; where that made the block worse than
     ggml's own min/max choice (possible for nearly constant blocks), the latter is kept, so a
-    block already on a Q4_1 grid comes back exactly."""
-    a = np.ones_like(x) if a is None else a
+    block already on the grid comes back exactly. Returns d, m (n,) and q (n, k) in [0, nmax]."""
+    from . import qsearch
+
     d = np.empty(len(x), dtype=np.float32)
     m = np.empty(len(x), dtype=np.float32)
-    _search_kernels()[1](x, a, _Q4_1_SPANS, d, m)
+    qsearch.search_affine(x, a, np.float32(nmax), _AFFINE_SPANS * nmax, d, m)
     lo, hi = x.min(axis=-1), x.max(axis=-1)
     best = (_to_f16(d), _to_f16(m))
-    plain = (_to_f16((hi - lo) / 15), _to_f16(lo))
-    err = [_q4_1_error(x, a, *c) for c in (best, plain)]
+    plain = (_to_f16((hi - lo) / nmax), _to_f16(lo))
+    err = [_affine_error(x, a, *c, nmax) for c in (best, plain)]
     keep = err[0] <= err[1]
     d, m = np.where(keep, best[0], plain[0]), np.where(keep, best[1], plain[1])
-    q = np.clip(np.rint((x - m[:, None]) * _safe_inverse(d)[:, None]), 0, 15)
-    return [_f16_bytes(d), _f16_bytes(m), _pack_nibbles(q)]
+    q = np.clip(np.rint((x - m[:, None]) * _safe_inverse(d)[:, None]), 0, nmax).astype(np.uint8)
+    return d, m, q
 
 
-def _q4_1_error(x, a, d, m) -> np.ndarray:
-    q = np.clip(np.rint((x - m[:, None]) * _safe_inverse(d)[:, None]), 0, 15)
+def _affine_error(x, a, d, m, nmax) -> np.ndarray:
+    q = np.clip(np.rint((x - m[:, None]) * _safe_inverse(d)[:, None]), 0, nmax)
     r = x - (d[:, None] * q + m[:, None])
     return _rowdot(a * r, r)
 
 
-# ---- the search loops (Numba) ---------------------------------------------------------------
-# Per block they run a few hundred candidate roundings over 32 weights: in numpy every candidate
-# is a pass over the whole tensor, compiled they stay in registers (about 20x faster).
-
-_KERNELS = None
+def _quantize_q4_1(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    d, m, q = _quantize_affine(x, a, 15)
+    return {"d": _f16_bytes(d), "m": _f16_bytes(m), "qs": _pack_nibbles(q)}
 
 
-def _search_kernels():
-    """Compile (or load from Numba's cache) the two search loops on first use."""
-    global _KERNELS
-    if _KERNELS is None:
-        from numba import njit
-
-        # reassoc lets LLVM vectorize the block sums; the order of a 32-term sum doesn't matter here.
-        kernel = njit(cache=True, fastmath={"reassoc", "contract"})
-        _KERNELS = (kernel(_search_q4_0), kernel(_search_q4_1))
-    return _KERNELS
+def _quantize_q5_1(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    d, m, q = _quantize_affine(x, a, 31)
+    return {"d": _f16_bytes(d), "m": _f16_bytes(m), "qh": _fifth_bits(q), "qs": _pack_nibbles(q & 0x0F)}
 
 
-def _search_q4_0(x, a, steps, d_out):
-    """x, a (n, 32) f32; steps (k,) f32 → d_out (n,) the least-squares scale of the best rounding."""
-    n, bs = x.shape
-    for b in range(n):
-        xmax = np.float32(0.0)
-        for i in range(bs):
-            if abs(x[b, i]) > abs(xmax):
-                xmax = x[b, i]
-        best_gain = np.float32(-1.0)
-        best_d = np.float32(0.0)
-        if xmax != 0:
-            xb, ab = x[b], a[b]
-            for k in steps:
-                s = k / xmax
-                sxq = np.float32(0.0)
-                sqq = np.float32(0.0)
-                for i in range(bs):  # branch-free, so LLVM vectorizes it
-                    t = np.rint(xb[i] * s)
-                    t = np.float32(-8.0) if t < -8 else t
-                    t = np.float32(7.0) if t > 7 else t
-                    at = ab[i] * t
-                    sxq += at * xb[i]
-                    sqq += at * t
-                if sqq > 0 and sxq * sxq / sqq > best_gain:
-                    best_gain = sxq * sxq / sqq
-                    best_d = sxq / sqq
-        d_out[b] = best_d
+# ---- K-quants: super-blocks of 256 with integer sub-block scales ----------------------------
+
+def _pack_k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """6-bit (sc, m), each (n, 8) → Q4_K/Q5_K's 12 bytes (n, 12); the inverse of `k_scales_mins`."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    return np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6),
+                           (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)], axis=-1)
 
 
-def _search_q4_1(x, a, spans, d_out, m_out):
-    """x, a (n, 32) f32; spans (k,) f32 → d_out, m_out (n,): the affine grid of least weighted error."""
-    n, bs = x.shape
-    for b in range(n):
-        lo = x[b, 0]
-        hi = x[b, 0]
-        for i in range(bs):
-            lo = min(lo, x[b, i])
-            hi = max(hi, x[b, i])
-        best_err = np.inf
-        best_d = np.float32(0.0)
-        best_m = lo
-        for steps in spans:
-            d = (hi - lo) / steps
-            m = lo + (hi - lo - 15 * d) / 2  # the 16 levels centred on [lo, hi]
-            for _ in range(3):  # evaluate, then refit (d, m) to that rounding; twice
-                inv = 1 / d if d != 0 else np.float32(0.0)
-                sa = sq = sx = sqq = sqx = err = np.float32(0.0)
-                for i in range(bs):
-                    q = min(max(np.rint((x[b, i] - m) * inv), np.float32(0.0)), np.float32(15.0))
-                    r = x[b, i] - (d * q + m)
-                    w = a[b, i]
-                    err += w * r * r
-                    sa += w
-                    sq += w * q
-                    sx += w * x[b, i]
-                    sqq += w * q * q
-                    sqx += w * q * x[b, i]
-                if err < best_err:
-                    best_err, best_d, best_m = err, d, m
-                det = sa * sqq - sq * sq
-                if det <= 0:
-                    break
-                d = (sa * sqx - sq * sx) / det
-                m = (sx - d * sq) / sa
-        d_out[b] = best_d
-        m_out[b] = best_m
+def _quantize_k_affine(x: np.ndarray, a: np.ndarray, nmax: int) -> tuple[np.ndarray, ...]:
+    """Q4_K/Q5_K's joint search (`qsearch.search_k_affine`) → d, dmin (n,), sc, m (n, 8), q (n, 8, 32)."""
+    from . import qsearch
+
+    n = len(x)
+    q = np.empty((n, QK_K), np.uint8)
+    sc = np.empty((n, 8), np.uint8)
+    m = np.empty((n, 8), np.uint8)
+    d = np.empty(n, np.float32)
+    dmin = np.empty(n, np.float32)
+    qsearch.search_k_affine(x, a, np.float32(nmax), _AFFINE_SPANS * nmax, 32, q, sc, m, d, dmin)
+    return d, dmin, sc, m, q.reshape(n, 8, 32)
+
+
+def _quantize_q4_k(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    d, dmin, sc, m, q = _quantize_k_affine(x, a, 15)
+    qs = q[:, 0::2] | (q[:, 1::2] << 4)  # (n, run, 32): sub-block 2c low, 2c+1 high
+    return {"d": _f16_bytes(d), "dmin": _f16_bytes(dmin), "scales": _pack_k_scales(sc, m),
+            "qs": qs.reshape(len(x), 128)}
+
+
+def _quantize_q5_k(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    d, dmin, sc, m, q = _quantize_k_affine(x, a, 31)
+    low = q & 0x0F
+    qs = low[:, 0::2] | (low[:, 1::2] << 4)
+    qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)  # bit j of qh[l]
+    return {"d": _f16_bytes(d), "dmin": _f16_bytes(dmin), "scales": _pack_k_scales(sc, m), "qh": qh,
+            "qs": qs.reshape(len(x), 128)}
+
+
+def _quantize_q6_k(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    from . import qsearch
+
+    n = len(x)
+    q = np.empty((n, QK_K), np.int8)
+    sc = np.empty((n, 16), np.int8)
+    d = np.empty(n, np.float32)
+    qsearch.search_q6_k(x, a, _symmetric_steps(-32, 31), 16, q, sc, d)
+    u = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, 2, 4, 32)  # (n, half, quarter, 32)
+    low = u & 0x0F
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=-1)
+    qh = ((u >> 4) << np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]).sum(axis=2, dtype=np.uint8)
+    return {"ql": ql.reshape(n, 128), "qh": qh.reshape(n, 64), "scales": sc.view(np.uint8), "d": _f16_bytes(d)}
+
+
+_QUANTIZERS = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1, "q5_0": _quantize_q5_0,
+               "q5_1": _quantize_q5_1, "q4_k": _quantize_q4_k, "q5_k": _quantize_q5_k, "q6_k": _quantize_q6_k}

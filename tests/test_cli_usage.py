@@ -390,3 +390,16 @@ def test_an_interrupted_answer_has_no_rate():
     assert "interrupted" in line and "decode" not in line and "prefill 10 tokens" in line
     stats.stop_reason = "eos"
     assert "decode" in cli._speed_line(stats)
+
+
+def test_convert_writes_a_k_quant_mixture(recommending, tmp_path):
+    import gguf
+    out = tmp_path / "k.gguf"
+    r = llamacpu("convert", recommending, "-o", out, "--quant", "q4_k_m", "--no-calibrate", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["quant"] == "q4_k_m" and set(report["formats"]) <= {"f32", "f16", "q4_k", "q5_0", "q6_k", "q8_0"}
+    assert gguf.GGUFReader(str(out)).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    bad = llamacpu("convert", recommending, "-o", tmp_path / "s.gguf", "--quant", "q4_k_s")
+    assert bad.returncode == 2 and "unknown quantization 'q4_k_s'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "s.gguf").exists()

@@ -406,3 +406,51 @@ def test_transcoded_source_is_converted_from_its_own_values(tmp_path):
     got = load_checkpoint(tmp_path / "f32.gguf").tensors["layers.0.w_up"].dequantize()
     want = gguf.quants.dequantize(fp4, gguf.GGMLQuantizationType.MXFP4)  # gguf-py, independently
     np.testing.assert_array_equal(got, want)
+
+
+def test_k_mixtures_choose_what_llama_cpp_chooses():
+    """Per tensor, the format of q4_k_m / q5_k_m / q6_k is the type llama.cpp's quantizer picked
+    for the same model (tests/data/kquant_mixtures.json, from tools/check_kquants.py --mixtures):
+    SmolLM2 (rows of 576: Q5_0/Q5_1/Q8_0 fallbacks) and the TinyLlama-1.1B shape (untied head)."""
+    from llamacpu.loaders.gguf import to_gguf_name
+    data = json.loads((Path(__file__).parent / "data" / "kquant_mixtures.json").read_text())
+    assert set(data["models"]) == {"smollm2-135m", "tinyllama-1.1b-shape"}
+    for model, entry in data["models"].items():
+        shapes = entry["shapes"]
+        n_layers = 1 + max(int(n.split(".")[1]) for n in shapes if n.startswith("blk."))
+        ours = ["embed", "output", "norm"] + [f"layers.{i}.{m}" for i in range(n_layers) for m in (
+            "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")]
+        names = {to_gguf_name(n): n for n in ours}
+        tied = "output.weight" not in shapes
+        for quant, types in entry["types"].items():
+            assert set(types) <= set(names), model
+            got = {g: convert.tensor_format(names[g], tuple(reversed(shapes[g])), quant, tied=tied,
+                                            n_layers=n_layers)[0] for g in types}
+            assert got == types, (model, quant, {g: (got[g], types[g]) for g in types if got[g] != types[g]})
+
+
+def test_k_mixture_file(hf_dir, tmp_path):
+    """A q4_k_m file of the tiny model: llama.cpp's file type, the mixture's formats, values that
+    gguf-py reads back equal to ours, and the f16 fallback for rows that can't be blocked."""
+    import gguf
+    out = convert_model(hf_dir, tmp_path / "k.gguf", "q4_k_m", calibrate=False)
+    reader = gguf.GGUFReader(str(out.out))
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    ckpt = load_checkpoint(out.out, dequantize=True)
+    src = load_checkpoint(hf_dir)
+    for t in reader.tensors:
+        ours = next(n for n in ckpt.tensors if convert.to_gguf_name(n) == t.name)
+        fmt, _ = convert.tensor_format(ours, src.tensors[ours].shape, "q4_k_m", tied=src.config.tie_word_embeddings,
+                                       n_layers=src.config.num_hidden_layers)
+        assert t.tensor_type.name.lower() == fmt, t.name
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).reshape(src.tensors[ours].shape)
+        np.testing.assert_array_equal(ckpt.tensors[ours].dequantize(), theirs, err_msg=t.name)
+    assert out.fallback == [f"layers.{i}.w_down" for i in range(src.config.num_hidden_layers)]
+    assert out.importance == "weights-only"
+
+
+def test_k_mixtures_are_for_convert_not_load(hf_dir):
+    with pytest.raises(LlamacpuError, match="written by `llamacpu convert`"):
+        open_model(hf_dir, quant="q4_k_m")
+    with pytest.raises(LlamacpuError, match="unknown quantization 'q4_k'"):
+        convert_model(hf_dir, hf_dir.parent / "x.gguf", "q4_k")  # a tensor format, not a file type

@@ -61,3 +61,40 @@ def test_one_cache_per_token_and_no_cache_twice(rt):
     m.forward([t], full)
     with pytest.raises(LlamacpuError, match="context is full"):
         m.forward_batch([t, t], [c, full])
+
+
+def test_observer_sees_every_linear_input():
+    """`observe` gets each matrix group's actual input, layer by layer, and changes nothing: layer 0's
+    qkv input is RMSNorm(embedding) · gain, w_down's is silu(gate) · up of the gate_up input,
+    and a q8_0 model's one-token forward (layer loop, to be observed) matches the fused decode."""
+    from llamacpu.model import LINEAR_GROUPS, Model
+    from llamacpu.quant import QTensor, quantize
+    from tiny import random_tensors, tiny_config
+    c = tiny_config()
+    raw = random_tensors(c, seed=7)
+    model = Model(c, {k: QTensor("f32", v.shape, v) for k, v in raw.items()}, threads=1)
+    seen = []
+    tokens = np.array([3, 17, 5, 99, 42])
+    plain = model.forward(tokens, model.new_cache(8), all_logits=True)
+    observed = model.forward(tokens, model.new_cache(8), all_logits=True,
+                             observe=lambda layer, group, h: seen.append((layer, group, h.copy())))
+    np.testing.assert_array_equal(observed, plain)
+    assert [(layer, g) for layer, g, _ in seen] == [(i, g) for i in range(c.num_hidden_layers) for g in LINEAR_GROUPS]
+    inputs = {(layer, g): h for layer, g, h in seen}
+    width = {"qkv": c.hidden_size, "wo": c.q_dim, "gate_up": c.hidden_size, "w_down": c.intermediate_size}
+    assert all(h.shape == (len(tokens), width[g]) for (_, g), h in inputs.items())
+    x = raw["embed"][tokens].astype(np.float64)
+    h0 = x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_norm_eps) * raw["layers.0.attn_norm"]
+    np.testing.assert_allclose(inputs[0, "qkv"], h0, rtol=1e-5, atol=1e-6)
+    for i in range(c.num_hidden_layers):
+        h = inputs[i, "gate_up"].astype(np.float64)
+        g, u = h @ raw[f"layers.{i}.w_gate"].T, h @ raw[f"layers.{i}.w_up"].T
+        np.testing.assert_allclose(inputs[i, "w_down"], g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=1e-5)
+    q8 = Model(c, {k: quantize(v, "q8_0") if v.ndim == 2 else QTensor("f32", v.shape, v) for k, v in raw.items()},
+               threads=1)
+    assert q8.decode_weights is not None
+    fused = q8.forward([3], q8.new_cache(4))
+    calls = []
+    looped = q8.forward([3], q8.new_cache(4), observe=lambda *a: calls.append(a[:2]))
+    assert len(calls) == 4 * c.num_hidden_layers
+    np.testing.assert_allclose(looped, fused, atol=1e-3, rtol=0)
