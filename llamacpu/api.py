@@ -121,8 +121,8 @@ class Slot:
     """A KV cache and the ids whose K/V it holds, so that a prompt sharing a prefix with them
     prefills only the rest (as `ChatSession` does across turns)."""
 
-    def __init__(self, model, max_seq: int):
-        self.cache = model.new_cache(max_seq)
+    def __init__(self, cache):
+        self.cache = cache  # a model.KVCache
         self.ids: list[int] = []  # ids of cache[:cache.pos]
 
     def reuse(self, ids: list[int]) -> int:
@@ -280,7 +280,7 @@ class LLM:
     def slot(self) -> Slot:
         """This LLM's KV cache and the ids it holds (made on first use)."""
         if self._slot is None:
-            self._slot = Slot(self.runtime.model, self.ctx)
+            self._slot = Slot(self.runtime.model.new_cache(self.ctx))
         return self._slot
 
     # ---- scoring -------------------------------------------------------------------------------
