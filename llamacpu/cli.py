@@ -1175,6 +1175,7 @@ def serve(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    act_bits: ActBits = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request on stderr.")] = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
@@ -1193,7 +1194,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise LlamacpuError(f"--port must be in 0..65535, got {port}")
     _check_ctx(ctx)
-    llm = _load(model, ctx, quant=quant, threads=threads)
+    llm = _load(model, ctx, quant=quant, threads=threads, act_bits=act_bits)
     _notices(llm.runtime, True)
     run_server(llm, host=host, port=port, api_key=api_key, parallel=parallel, access_log=verbose,
                on_ready=lambda url: _say(f"serving {llm.name} on {url}/v1 (context {llm.ctx}, "

@@ -33,12 +33,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--act-bits", type=int, default=None, help="the server's --act-bits (16 or 8)")
     args = ap.parse_args()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    extra = ["--threads", str(args.threads)] if args.threads else []
+    extra = (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--act-bits", str(args.act_bits)] if args.act_bits else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "llamacpu.cli", "serve", args.model, "--port", str(port), *extra],
                             env=env, stderr=subprocess.DEVNULL)
