@@ -219,11 +219,15 @@ def _guarded(fn: Callable) -> Callable:
 
 def _thread_limit(threads: int | None):
     """--threads sets Numba's and the BLAS's pools once for the whole command (restored after).
-    Out-of-range counts are left for `_open` to refuse with a clear message."""
+    Out-of-range counts are left for `_open` to refuse with a clear message. Setting Numba's
+    count starts its workers, so they are started here first, with signals blocked."""
+    if threads is None:  # commands without --threads (and `list`, `info`...) need no numba
+        return contextlib.nullcontext()
     import numba
     from .threads import thread_limit
-    if threads is None or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         return contextlib.nullcontext()
+    _start_worker_threads()
     return thread_limit(threads)
 
 

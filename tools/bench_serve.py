@@ -6,6 +6,10 @@ completions at once (different counting prompts, so the model never stops early,
 `--repeat`. Prints one JSON line per N and the ratio to one stream.
 
     python tools/bench_serve.py --model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+On a shared machine, compare within one run and prefer `--threads 1`: with 2 threads every
+parallel region waits for a core that another process holds (see `llamacpu/threads.py`), which
+swamps what batching changes. `--act-bits 8` runs the server with 8-bit activations.
 """
 
 from __future__ import annotations
