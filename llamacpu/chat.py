@@ -9,8 +9,8 @@ content actually holds a special-token string; otherwise the whole prompt is enc
 piece, which gives exactly the ids of the model's own tokenizer. The same rule applies to
 `run` prompts and chat messages alike; `--raw` prompts are encoded with `parse_special=False`.
 
-The session reuses its cache across turns: each turn renders the whole conversation, keeps the
-cached positions that match its ids (the longest common prefix) and prefills only the rest.
+The session reuses its LLM's cache across turns: each turn renders the whole conversation, keeps
+the cached positions that match its ids (the longest common prefix) and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import LlamacpuError
-from .generate import GenerationStats, TextStream, generate
-from .sampling import Sampler
+from .generate import Completion, GenerationStats
 
 # Private-use characters: no tokenizer merges them with neighbouring text, and no user types them.
 _MARK = "\ue000{}\ue001"
@@ -105,28 +104,38 @@ class TurnStats:
 
 
 class ChatSession:
-    """A multi-turn conversation over one model and one KV cache.
+    """A multi-turn conversation over an `api.LLM` (made by `LLM.session`), using its KV cache.
 
     `messages` holds the transcript (system turn first, if any). `say(text)` yields the answer's
-    text pieces (and `Notice`s); when it ends, however it ends (EOS, max tokens, Ctrl-C), the user
-    turn and the answer so far are in `messages` and the cache matches `cached_ids`.
+    text pieces (and `Notice`s) through `LLM.complete`; when it ends, however it ends (EOS, max
+    tokens, Ctrl-C), the user turn and the answer so far are in `messages` and the cache matches
+    `cached_ids`. `sampling` (an `api.Sampling`), `rng` (one random stream for the whole
+    conversation, seeded by `sampling.seed`) and `max_tokens` may be changed between turns.
     """
 
-    def __init__(self, model, tokenizer, template, *, sampler: Sampler, rng: np.random.Generator,
-                 max_seq: int, max_tokens: int, system: str | None = None, repeat_penalty: float = 1.0):
-        if template is None:
+    def __init__(self, llm, *, sampling, max_tokens: int, system: str | None = None):
+        if llm.template is None:
             raise LlamacpuError("this model has no chat template, so it cannot chat")
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.sampler, self.rng = sampler, rng
-        self.max_tokens, self.repeat_penalty = max_tokens, repeat_penalty
-        self.cache = model.new_cache(max_seq)
-        self.cached_ids: list[int] = []  # the ids whose K/V are in cache[:cache.pos]
+        self.llm, self.tokenizer, self.template = llm, llm.tokenizer, llm.template
+        self.sampling = sampling.check()
+        self.rng = np.random.default_rng(sampling.seed)
+        self.max_tokens = max_tokens
         self.messages: list[dict] = []
         self.last = TurnStats()
         self.turns = 0
         self.totals = {"prefilled_tokens": 0, "reused_tokens": 0, "completion_tokens": 0}
         if system is not None:
             self.set_system(system)
+
+    @property
+    def cache(self):
+        """The LLM's KV cache: (layers, ctx, Hkv, hd), `pos` positions in use."""
+        return self.llm.slot.cache
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The ids whose K/V are in cache[:cache.pos]."""
+        return self.llm.slot.ids
 
     # ---- conversation state ---------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class ChatSession:
         g = self.last.generation
         return {
             "turns": self.turns, "messages": len(self.messages),
-            "context_tokens": self.cache.pos, "context_size": self.cache.max_seq,
+            "context_tokens": self.cache.pos, "context_size": self.llm.ctx,
             "last_prompt_tokens": self.last.prompt_tokens, "last_reused_tokens": self.last.reused_tokens,
             "last_prefilled_tokens": self.last.prefilled_tokens,
             "last_completion_tokens": g.completion_tokens, "last_stop_reason": g.stop_reason,
@@ -207,40 +216,27 @@ class ChatSession:
         if dropped:
             yield Notice(f"the context is full: dropped the {dropped} oldest message"
                          f"{'s' if dropped > 1 else ''} and rebuilt the cache")
-        # Keep the matching cached prefix; at least one token must be prefilled to get logits.
-        reused = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
-        self.cache.truncate(reused)
-        self.cached_ids = self.cached_ids[:reused]
         self.messages = kept
-        self.last = TurnStats(prompt_tokens=len(ids), reused_tokens=reused)
+        result = Completion()
+        self.last = TurnStats(prompt_tokens=len(ids), generation=result.stats)
         self.turns += 1
-        answer_ids: list[int] = []
-        stream = TextStream(self.tokenizer)
-        tokens = generate(self.model, ids[reused:], cache=self.cache, sampler=self.sampler, rng=self.rng,
-                          max_tokens=self.max_tokens, stop_ids=self.tokenizer.stop_ids,
-                          repeat_penalty=self.repeat_penalty, stats=self.last.generation,
-                          earlier_ids=ids[:reused])  # the penalty window spans the conversation
+        # The cached prefix (system turn and earlier turns) is kept; the penalty window spans
+        # the conversation.
+        pieces = self.llm.complete(ids, self.sampling, max_tokens=self.max_tokens, rng=self.rng, result=result)
         try:
-            for token in tokens:
-                answer_ids.append(token)
-                piece = stream.push(token)
-                if piece:
-                    yield piece
-            piece = stream.flush()
-            if piece:
-                yield piece
+            yield from pieces
         except (KeyboardInterrupt, GeneratorExit):
             self.last.generation.stop_reason = "interrupted"
             raise
         finally:
-            tokens.close()
-            # However the turn ended (even by Ctrl-C), keep the answer so far, and record exactly
-            # what the cache holds: the prompt and every answer token but the last.
+            pieces.close()
+            # However the turn ended (even by Ctrl-C), keep the answer so far (the LLM has
+            # recorded what its cache holds).
+            self.last.reused_tokens = result.cached_tokens
             self.messages.append({"role": "assistant",
-                                  "content": self.tokenizer.decode(answer_ids, continuation=True)})
-            self.cached_ids = (ids + answer_ids)[:self.cache.pos]
+                                  "content": self.tokenizer.decode(result.token_ids, continuation=True)})
             self.totals["prefilled_tokens"] += self.last.prefilled_tokens
-            self.totals["reused_tokens"] += reused
+            self.totals["reused_tokens"] += result.cached_tokens
             self.totals["completion_tokens"] += self.last.generation.completion_tokens
 
     def _fit(self, history: list[dict]) -> tuple[list[int], list[dict]]:
@@ -248,18 +244,19 @@ class ChatSession:
         room for an answer. Returns (ids, the messages kept)."""
         # Room for a full answer, but never more than half the context (a long --max-tokens
         # must not make every conversation drop its history).
-        room = min(self.max_tokens, self.cache.max_seq // 2)
+        ctx = self.llm.ctx
+        room = min(self.max_tokens, ctx // 2)
         first = 1 if history[0]["role"] == "system" else 0
         kept = history
         while True:
             ids = encode_messages(self.tokenizer, self.template, kept)
-            if len(ids) + room <= self.cache.max_seq:
+            if len(ids) + room <= ctx:
                 return ids, kept
             if len(kept) - first <= 1:  # only the new message is left
-                if len(ids) < self.cache.max_seq:
+                if len(ids) < ctx:
                     return ids, kept  # answer in what room there is
                 raise LlamacpuError(f"the message needs {len(ids)} tokens with its template, more than "
-                                    f"the context of {self.cache.max_seq}")
+                                    f"the context of {ctx}")
             # Drop a whole exchange (user + assistant) so that the transcript still alternates.
             n = 2 if kept[first]["role"] == "user" and len(kept) - first > 2 else 1
             kept = kept[:first] + kept[first + n:]

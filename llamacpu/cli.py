@@ -47,7 +47,8 @@ from rich.table import Table  # noqa: E402
 
 
 from .errors import LlamacpuError, is_rust_panic, reason  # noqa: E402
-from .jobs import context_size, resolve_seed, run_request, start_request  # noqa: E402
+from .generate import CTX  # noqa: E402  (numpy only, loaded by .sampling anyway)
+from .jobs import resolve_seed  # noqa: E402
 from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS  # noqa: E402
 from .sampling import DEFAULTS as SAMPLING_DEFAULTS  # noqa: E402
 
@@ -155,7 +156,6 @@ ActBits = Annotated[int, typer.Option("--act-bits", metavar="N", help="Activatio
 AdaptiveThreadsOpt = Annotated[bool, typer.Option(
     "--adaptive-threads", help="Time decode steps and drop to 1 thread when that is faster (a busy machine).")]
 
-CTX = 4096
 RUN_MAX_TOKENS = 256  # run and batch
 
 
@@ -219,11 +219,15 @@ def _guarded(fn: Callable) -> Callable:
 
 def _thread_limit(threads: int | None):
     """--threads sets Numba's and the BLAS's pools once for the whole command (restored after).
-    Out-of-range counts are left for `_open` to refuse with a clear message."""
+    Out-of-range counts are left for `_open` to refuse with a clear message. Setting Numba's
+    count starts its workers, so they are started here first, with signals blocked."""
+    if threads is None:  # commands without --threads (and `list`, `info`...) need no numba
+        return contextlib.nullcontext()
     import numba
     from .threads import thread_limit
-    if threads is None or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         return contextlib.nullcontext()
+    _start_worker_threads()
     return thread_limit(threads)
 
 
@@ -262,24 +266,27 @@ def _start_worker_threads() -> None:
 
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
           act_bits: int = 16, adaptive_threads: bool = False):
-    """Open MODEL: a name, a path, or the default model."""
-    _start_worker_threads()
-    from .runtime import open_model
+    """Open MODEL (a name, a path, or the default model) as a `runtime.Runtime` (`api.open_runtime`)."""
     if threads is not None and threads < 1:
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
     if act_bits not in (8, 16):
         raise LlamacpuError(f"--act-bits must be 8 or 16, got {act_bits}")
-    path = _resolve(model)
-    try:
-        rt = open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)
-    except LlamacpuError:
-        raise
-    except (Exception, MemoryError) as e:  # the tokenizer or template of a bad file, say
-        raise LlamacpuError(f"{path}: cannot open the model ({reason(e)})") from None
-    if adaptive_threads:
-        from .threads import AdaptiveThreads
-        rt.model = AdaptiveThreads(rt.model)
-    return rt
+    _start_worker_threads()
+    from .api import open_runtime
+    return open_runtime(model, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits,
+                        adaptive_threads=adaptive_threads, notify=_say)
+
+
+def _load(model: str | None, ctx: int, **options):
+    """Open MODEL for generating: an `api.LLM` with a context of `ctx` tokens (capped at the
+    model's), what `llamacpu.load` returns. `options` are `_open`'s."""
+    from .api import LLM
+    return LLM(_open(model, **options), ctx=ctx, spec=model)
+
+
+def _check_ctx(ctx: int) -> None:
+    if ctx < 1:
+        raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
 
 
 class _Terminated(BaseException):
@@ -324,12 +331,12 @@ def _check_given(given: dict) -> None:
     pick_settings(given)
 
 
-def _model_settings(rt, model: str | None, given: dict) -> tuple[dict, dict]:
-    """The sampling settings for MODEL and where each came from: the flags, then the file's own
-    recommendation, then a known model's card, then llamacpu's defaults (see sampling.py)."""
-    from .registry import sampling_layers
-    from .sampling import pick_settings
-    return pick_settings(given, *sampling_layers(rt.checkpoint, model))
+def _model_settings(llm, sampling, given: dict) -> tuple[dict, dict]:
+    """The settings of `sampling` (an `api.Sampling`) that --verbose, --json and /show report, and
+    where each came from: the flags ("given"), else the model's defaults (`LLM.sources`: the
+    file's own recommendation, a known model's card, or llamacpu's defaults; see sampling.py)."""
+    settings = {k: getattr(sampling, k) for k in SAMPLING_DEFAULTS}
+    return settings, {k: "given" if given.get(k) is not None else llm.sources[k] for k in settings}
 
 
 def _settings_line(settings: dict, sources: dict) -> str:
@@ -430,8 +437,6 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Generate text for one prompt (or a batch), for shells and scripts."""
-    from .chat import encode_prompt
-
     if prompt is None and model is not None and not _looks_like_model(model):
         model, prompt = None, model
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
@@ -443,16 +448,19 @@ def run(
         resolve_seed(seed)  # -1 is random; another negative seed is refused before the load
     if as_json and jsonl:
         raise LlamacpuError("--json and --jsonl cannot be combined")
+    _check_ctx(ctx)
     show_info = _stderr_info(verbose, quiet)
+    options = dict(quant=quant, threads=threads, act_bits=act_bits, adaptive_threads=adaptive_threads)
 
     if jsonl:
         if prompt is not None:
             raise LlamacpuError("--jsonl reads its prompts from stdin; give no PROMPT argument")
         if sys.stdin.isatty():
             raise LlamacpuError("--jsonl reads requests from stdin, which is a terminal")
-        rt = _open(model, quant=quant, threads=threads, act_bits=act_bits, adaptive_threads=adaptive_threads)
-        _notices(rt, show_info)
-        settings, sources = _model_settings(rt, model, given)
+        from .jobs import run_request
+        llm = _load(model, ctx, **options)
+        _notices(llm.runtime, show_info)
+        settings, sources = _model_settings(llm, llm.sampling(**given), given)
         if verbose:
             _info_line(_settings_line(settings, sources))
         defaults = dict(system=system, raw=raw, max_tokens=max_tokens, seed=seed, stop=stop or [], **settings)
@@ -460,7 +468,7 @@ def run(
         for index, line in enumerate(sys.stdin):
             if not line.strip():
                 continue
-            row = run_request(rt, line, index, defaults, ctx)
+            row = run_request(llm, line, index, defaults)
             failed += "error" in row
             print(json.dumps(_rounded(row), ensure_ascii=False), flush=True)
         if failed:
@@ -478,19 +486,22 @@ def run(
     if not prompt.strip():
         raise LlamacpuError("the prompt is empty")
 
-    rt = _open(model, quant=quant, threads=threads, act_bits=act_bits, adaptive_threads=adaptive_threads)
-    _notices(rt, show_info)
-    settings, sources = _model_settings(rt, model, given)
+    from .generate import Completion
+    llm = _load(model, ctx, **options)
+    _notices(llm.runtime, show_info)
+    sampling = llm.sampling(**given, seed=resolve_seed(seed))
+    settings, sources = _model_settings(llm, sampling, given)
     if verbose:
         _info_line(_settings_line(settings, sources))
-    ids = encode_prompt(rt.tokenizer, rt.template, prompt, system=system, raw=raw or rt.template is None)
-    seed = resolve_seed(seed)
-    completion, pieces = start_request(rt, ids, {**settings, "max_tokens": max_tokens, "stop": stop or [], "seed": seed}, ctx)
+    ids = llm.encode_prompt(prompt, system=system, raw=raw)
+    completion = Completion()
+    pieces = llm.complete(ids, sampling, max_tokens=max_tokens, stop=stop or [], result=completion)
     if as_json:
         for _ in pieces:
             pass
-        print(json.dumps(_rounded({**completion.to_dict(), "seed": seed, "load_seconds": rt.load_seconds,
-                                   "sampling": settings}), ensure_ascii=False), flush=True)
+        print(json.dumps(_rounded({**completion.to_dict(), "seed": sampling.seed,
+                                   "load_seconds": llm.runtime.load_seconds, "sampling": settings}),
+                         ensure_ascii=False), flush=True)
     else:
         out = sys.stdout
         try:
@@ -503,7 +514,7 @@ def run(
                 out.write("\n")
             out.flush()
     if show_info:
-        _info_line(f"{_speed_line(completion.stats)} · load {rt.load_seconds:.1f} s")
+        _info_line(f"{_speed_line(completion.stats)} · load {llm.runtime.load_seconds:.1f} s")
 
 
 def _notices(rt, show: bool) -> None:
@@ -559,29 +570,21 @@ def chat(
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    import numpy as np
-
-    from .chat import ChatSession
-    from .sampling import make_sampler
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
     _check_given(given)
     if max_tokens < 1:
         raise LlamacpuError(f"--max-tokens must be >= 1, got {max_tokens}")
     if seed is not None:
         resolve_seed(seed)  # -1 is random; another negative seed is refused before the load
+    _check_ctx(ctx)
     interactive = sys.stdin.isatty()
     if verbose and quiet:
         raise LlamacpuError("--verbose and --quiet cannot be combined")
-    rt = _open(model, quant=quant, threads=threads, adaptive_threads=adaptive_threads)
-    settings, sources = _model_settings(rt, model, given)
-    seed = resolve_seed(seed)
-    session = ChatSession(rt.model, rt.tokenizer, rt.template,
-                          sampler=make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
-                                               settings["min_p"]),
-                          rng=np.random.default_rng(seed), max_seq=context_size(rt, ctx),
-                          max_tokens=max_tokens, system=system, repeat_penalty=settings["repeat_penalty"])
-    state = _ChatState(session, model or DEFAULT_MODEL, rt.checkpoint.source, settings, sources, seed)
-    _notices(rt, not quiet and (verbose or interactive))
+    llm = _load(model, ctx, quant=quant, threads=threads, adaptive_threads=adaptive_threads)
+    session = llm.session(system=system, max_tokens=max_tokens, **given, seed=resolve_seed(seed))
+    settings, sources = _model_settings(llm, session.sampling, given)
+    state = _ChatState(session, model or DEFAULT_MODEL, llm.runtime.checkpoint.source, sources)
+    _notices(llm.runtime, not quiet and (verbose or interactive))
     if verbose:
         _info_line(_settings_line(settings, sources))
     if interactive:
@@ -591,25 +594,31 @@ def chat(
 
 
 class _ChatState:
-    """A chat session with the settings it runs with, for /show and /set."""
+    """A chat session with where each of its settings came from, for /show and /set."""
 
-    def __init__(self, session, name: str, path: Path, settings: dict, sources: dict, seed: int):
+    def __init__(self, session, name: str, path: Path, sources: dict):
         self.session, self.name, self.path = session, name, path
-        self.settings, self.sources, self.seed = dict(settings), dict(sources), seed
+        self.sources = dict(sources)
+
+    @property
+    def settings(self) -> dict:
+        return {k: getattr(self.session.sampling, k) for k in self.sources}
 
     def show(self) -> list[tuple[str, str]]:
         s = self.session
         rows = [("model", f"{self.name} ({self.path})"),
-                ("context", f"{s.cache.pos} of {s.cache.max_seq} tokens in use"),
+                ("context", f"{s.cache.pos} of {s.llm.ctx} tokens in use"),
                 ("system", s.system if s.system is not None else "(none)")]
         rows += [(k.replace("_", "-"), f"{_fmt(v)} ({self.sources[k]})") for k, v in self.settings.items()]
-        return rows + [("max-tokens", str(s.max_tokens)), ("seed", str(self.seed))]
+        return rows + [("max-tokens", str(s.max_tokens)), ("seed", str(s.sampling.seed))]
 
     def set(self, arg: str) -> str:
         """`/set NAME VALUE`: change one setting for the next answers; returns what was done."""
+        from dataclasses import replace
+
         import numpy as np
 
-        from .sampling import INT_SETTINGS, make_sampler, pick_settings
+        from .sampling import INT_SETTINGS, pick_settings
         name, _, value = arg.partition(" ")
         key = {"temp": "temperature"}.get(name.lower(), name.lower().replace("-", "_"))
         value = value.strip()
@@ -630,14 +639,12 @@ class _ChatState:
                 raise LlamacpuError(f"max-tokens must be >= 1, got {number}")
             self.session.max_tokens = number
         elif key == "seed":
-            self.seed = resolve_seed(number, "seed")
-            self.session.rng = np.random.default_rng(self.seed)
+            self.session.sampling = replace(self.session.sampling, seed=resolve_seed(number, "seed"))
+            self.session.rng = np.random.default_rng(self.session.sampling.seed)
         else:
-            settings, _ = pick_settings({**self.settings, key: number})
-            self.session.sampler = make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
-                                                settings["min_p"])
-            self.session.repeat_penalty = settings["repeat_penalty"]
-            self.settings, self.sources[key] = settings, "/set"
+            settings, _ = pick_settings({**self.settings, key: number})  # checked before it is used
+            self.session.sampling = replace(self.session.sampling, **settings)
+            self.sources[key] = "/set"
         return f"{name} set to {_fmt(number)}"
 
 
@@ -736,7 +743,7 @@ def _chat_terminal(state: _ChatState, stats: bool) -> None:
         pass
     session = state.session
     console = Console(highlight=False)
-    console.print(f"[bold]llamacpu chat[/] · {state.name} · context {session.cache.max_seq} · "
+    console.print(f"[bold]llamacpu chat[/] · {state.name} · context {session.llm.ctx} · "
                   f"[dim]/help for commands, Ctrl-D or /exit to leave[/]")
     show = lambda m: console.print(f"[dim]{m}[/]", markup=True, soft_wrap=True)  # noqa: E731
 
@@ -1172,6 +1179,7 @@ def serve(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
+    act_bits: ActBits = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request on stderr.")] = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
@@ -1182,7 +1190,6 @@ def serve(
         from .server import serve as run_server
     except ImportError as e:
         raise LlamacpuError(f"serve needs the 'serve' extra: pip install 'llamacpu[serve]' ({e})") from None
-    from .api import LLM
     from .server import is_loopback
     if not is_loopback(host) and not api_key:
         raise LlamacpuError(f"--host {host} serves beyond this machine: give --api-key KEY (or LLAMACPU_API_KEY)")
@@ -1190,9 +1197,9 @@ def serve(
         raise LlamacpuError(f"--parallel must be at least 1, got {parallel}")
     if not 0 <= port <= 65535:
         raise LlamacpuError(f"--port must be in 0..65535, got {port}")
-    rt = _open(model, quant=quant, threads=threads)
-    _notices(rt, True)
-    llm = LLM(rt, ctx=context_size(rt, ctx), spec=model)
+    _check_ctx(ctx)
+    llm = _load(model, ctx, quant=quant, threads=threads, act_bits=act_bits)
+    _notices(llm.runtime, True)
     run_server(llm, host=host, port=port, api_key=api_key, parallel=parallel, access_log=verbose,
                on_ready=lambda url: _say(f"serving {llm.name} on {url}/v1 (context {llm.ctx}, "
                                          f"{parallel} parallel; Ctrl-C to stop)"))

@@ -26,6 +26,9 @@ from .sampling import (Sampler, apply_presence_frequency, apply_repeat_penalty, 
                        check_repeat_penalty)
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the (T, S) attention scores and (T, F) activations
+# The default context (KV cache) size in tokens, capped at the model's: for `llamacpu.load` and every
+# command. Here, where the CLI can import it without numba (this module needs only numpy).
+CTX = 4096
 
 
 @dataclass
@@ -235,6 +238,8 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # generated ids (stop id excluded)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    # Prompt ids whose K/V the cache already held, so not prefilled (not in stats.prompt_tokens).
+    cached_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": list(self.token_ids), **self.stats.to_dict()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import LlamacpuError, reason
 
@@ -21,6 +21,8 @@ REQUEST_KEYS = {
     "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float, "seed": int, "stop": list, "id": object,
 }
 ROLES = ("system", "user", "assistant")
+# The sampling settings a line may carry, whose defaults come from the model.
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
 def one_line(message: str) -> str:
@@ -29,13 +31,6 @@ def one_line(message: str) -> str:
 
 
 SEED_RANDOM = -1  # llama.cpp's "pick a random seed"
-
-
-def context_size(rt, ctx: int) -> int:
-    """The context a request may use: `ctx`, capped at the model's."""
-    if ctx < 1:
-        raise LlamacpuError(f"--ctx must be at least 1, got {ctx}")
-    return min(ctx, rt.config.context_length)
 
 
 def resolve_seed(seed: int | None, what: str = "--seed") -> int:
@@ -47,35 +42,11 @@ def resolve_seed(seed: int | None, what: str = "--seed") -> int:
     return seed
 
 
-def model_defaults(rt, spec, defaults: dict) -> dict:
-    """`defaults` with each sampling setting it leaves None taken from the model (its file's keys,
-    or the card of the known model `spec` names), else `sampling.DEFAULTS`: what `run` uses."""
-    from .registry import sampling_layers
-    from .sampling import pick_settings
-    settings, _ = pick_settings({k: defaults.get(k) for k in ("temperature", "top_k", "top_p", "min_p",
-                                                               "repeat_penalty")},
-                                *sampling_layers(rt.checkpoint, spec))
-    return {**defaults, **settings}
-
-
-def start_request(rt, ids: list[int], s: dict, ctx: int):
-    """A Completion and the generator of its text pieces, for prompt `ids` and settings `s`
-    (`temperature`, `top_k`, `top_p`, `min_p`, `seed`, `max_tokens`, `stop`, `repeat_penalty`)."""
-    import numpy as np
-
-    from .generate import Completion, complete
-    from .sampling import make_sampler
-    sampler = make_sampler(s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-    # Size the cache to this request: the prompt plus its answer, within --ctx.
-    limit = context_size(rt, ctx)
-    if len(ids) >= limit:
-        raise LlamacpuError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
-    cache = rt.model.new_cache(min(limit, len(ids) + max(1, s["max_tokens"])))
-    completion = Completion()
-    pieces: Iterator[str] = complete(
-        rt.model, rt.tokenizer, ids, cache=cache, sampler=sampler, rng=np.random.default_rng(s["seed"]),
-        max_tokens=s["max_tokens"], stop=s["stop"], repeat_penalty=s["repeat_penalty"], result=completion)
-    return completion, pieces
+def model_defaults(llm, defaults: dict) -> dict:
+    """`defaults` with each sampling setting it leaves None taken from the model (`llm.defaults`:
+    its file's keys, or a known model's card, else `sampling.DEFAULTS`): what `run` uses."""
+    return {**defaults, **{k: getattr(llm.defaults, k) if defaults.get(k) is None else defaults[k]
+                           for k in SAMPLING_KEYS}}
 
 
 def parse_request(line: str, index: int) -> dict:
@@ -91,9 +62,10 @@ def parse_request(line: str, index: int) -> dict:
     return req
 
 
-def run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
-    """One request line → its result row, or an error row (the job goes on)."""
-    from .chat import encode_messages, encode_prompt
+def run_request(llm, line: str, index: int, defaults: dict) -> dict:
+    """One request line → its result row, or an error row (the job goes on). `llm` is an
+    `api.LLM`; `defaults` hold every setting (see `model_defaults`)."""
+    from .generate import Completion
     head: dict[str, Any] = {"index": index}
     try:
         req = parse_request(line, index)
@@ -101,14 +73,15 @@ def run_request(rt, line: str, index: int, defaults: dict, ctx: int) -> dict:
             head["id"] = req["id"]
         s = request_settings(req, defaults)
         if s.get("messages") is not None:
-            ids = encode_messages(rt.tokenizer, rt.template, s["messages"])
+            ids = llm.encode_chat(s["messages"])
         else:
-            ids = encode_prompt(rt.tokenizer, rt.template, s["prompt"], system=s["system"],
-                                raw=s["raw"] or rt.template is None)
-        # Unseeded requests still differ from each other; a seeded one is reproducible anywhere in a job.
+            ids = llm.encode_prompt(s["prompt"], system=s["system"], raw=s["raw"])
+        # Unseeded requests still differ from each other; a seeded one is reproducible anywhere in
+        # a job: each row is prefilled whole (no reuse of the row before's cache).
         s["seed"] = resolve_seed(s["seed"], '"seed"')
-        completion, pieces = start_request(rt, ids, s, ctx)
-        for _ in pieces:
+        completion = Completion()
+        for _ in llm.generate(ids, max_tokens=s["max_tokens"], stop=s["stop"], result=completion, reuse=False,
+                              seed=s["seed"], **{k: s[k] for k in SAMPLING_KEYS}):
             pass
         return {**head, **completion.to_dict(), "seed": s["seed"]}
     except LlamacpuError as e:

@@ -1038,7 +1038,8 @@ def store_kv(cache_k, cache_v, pos, k, v):
 
 
 # ---------------------------------------------------------------------------
-# The whole decode step: one call per token, so per-token Python overhead is one dispatch.
+# The whole decode step: one call per step, so per-step Python overhead is one dispatch, and
+# one GEMM of B rows per matrix, so each weight is read once for all B sequences of a batch.
 
 
 def _at(wt, li):
@@ -1069,58 +1070,67 @@ LAYER_FIELDS = 11  # kind, G, nb, w bytes per block, d super-blocks, d per super
 
 
 @njit(cache=ISA_CACHE)
-def decode_step(x, pos, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, head,
+def decode_step(x, pos, slot, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, head,
                 cache_k, cache_v, cos, sin, n_heads, n_kv_heads, eps, planes, nt, logits):
-    """Run one token through every layer and the output head.
+    """Run B tokens, each the next of its own sequence, through every layer and the output head.
 
-    x (D,) f32: the token's embedding, overwritten with the final residual stream.
-    pos: its position; cache_k/v (L, max_seq, Hkv, hd) receive its K/V at `pos`.
+    x (B, D) f32: the tokens' embeddings, overwritten with the final residual streams.
+    pos (B,) int64: each token's position; slot (B,) int64: its sequence's cache, cache_k/v
+    (N, L, max_seq, Hkv, hd) [slot[b]], which receives its K/V at pos[b]. The caller checks
+    that slots are distinct and in range, and pos[b] < max_seq.
     Each weight is a tuple (w, d, m, s, bits) in the row-group layout (see `gemm_blocks`),
     stacked per layer (L, G, nb, ...), or layers of different K-quant kinds in flat buffers
     with a per-layer table (see `_at`), rows fused and padded to a multiple of 16:
     qkv (H*hd + 2*Hkv*hd rows, in D), o (D, in H*hd), gate_up (2F with gate rows first, in D),
     down (D, in F); head (V, in D) unstacked. attn_norm, mlp_norm (L, D); norm (D,);
-    cos, sin (max_pos, hd/2). logits (>= 16 G_head,) f32 is written (the first V are the logits).
-    planes: 1 for 8-bit activations, 2 for 15-bit (see `quantize_planes`)."""
+    cos, sin (max_pos, hd/2). logits (B, >= 16 G_head) f32 is written (the first V are the logits).
+    planes: 1 for 8-bit activations, 2 for 15-bit (see `quantize_planes`).
+    Rows do not interact: a row's logits are the same whatever its batch mates."""
+    B = x.shape[0]
     L = attn_norm.shape[0]
-    D = x.shape[0]
+    D = x.shape[1]
     hd = cos.shape[1] * 2
     qd = n_heads * hd
     kvd = n_kv_heads * hd
     F = _at(down, 0)[0].shape[1] * BLOCK
     width = max(D, F, qd)
-    xq = np.empty(planes * width, dtype=np.int8)
-    xu = np.empty(planes * width, dtype=np.uint8)
-    xd = np.empty(planes * width // BLOCK, dtype=np.float32)
-    xs = np.empty(planes * width // BLOCK, dtype=np.float32)
-    h = np.empty((1, D), dtype=np.float32)
-    x2 = x.reshape(1, D)
-    qkv_y = np.empty((1, _at(qkv, 0)[0].shape[0] * RG), dtype=np.float32)
-    att = np.empty((1, qd), dtype=np.float32)
-    proj = np.empty((1, _at(o, 0)[0].shape[0] * RG), dtype=np.float32)
-    gu = np.empty((1, _at(gate_up, 0)[0].shape[0] * RG), dtype=np.float32)
-    act = np.empty((1, F), dtype=np.float32)
+    xq = np.empty(B * planes * width, dtype=np.int8)
+    xu = np.empty(B * planes * width, dtype=np.uint8)
+    xd = np.empty(B * planes * width // BLOCK, dtype=np.float32)
+    xs = np.empty(B * planes * width // BLOCK, dtype=np.float32)
+    h = np.empty((B, D), dtype=np.float32)
+    qkv_y = np.empty((B, _at(qkv, 0)[0].shape[0] * RG), dtype=np.float32)
+    att = np.empty((B, qd), dtype=np.float32)
+    proj = np.empty((B, _at(o, 0)[0].shape[0] * RG), dtype=np.float32)
+    gu = np.empty((B, _at(gate_up, 0)[0].shape[0] * RG), dtype=np.float32)
+    act = np.empty((B, F), dtype=np.float32)
     for li in range(L):
         # attention block: x += Wo · attn(rope(Wq h), rope(Wk h), Wv h), h = norm(x)
-        rms_norm(x2, attn_norm[li], eps, h)
+        rms_norm(x, attn_norm[li], eps, h)
         linear_blocks(h, _at(qkv, li), xq, xu, xd, xs, planes, qkv_y, nt)
-        y = qkv_y[0]
-        q = y[:qd].reshape(1, n_heads, hd)  # (1, H, hd)
-        k = y[qd:qd + kvd].reshape(1, n_kv_heads, hd)  # (1, Hkv, hd)
-        v = y[qd + kvd:qd + 2 * kvd].reshape(n_kv_heads, hd)  # (Hkv, hd)
-        rope(q, cos, sin, pos)
-        rope(k, cos, sin, pos)
-        store_kv(cache_k[li], cache_v[li], pos, k[0], v)
-        attention_decode(q[0], cache_k[li], cache_v[li], pos + 1, att.reshape(n_heads, hd), nt)
+        for b in range(B):  # attention: each row over its own cache
+            y = qkv_y[b]
+            q = y[:qd].reshape(1, n_heads, hd)  # (1, H, hd)
+            k = y[qd:qd + kvd].reshape(1, n_kv_heads, hd)  # (1, Hkv, hd)
+            v = y[qd + kvd:qd + 2 * kvd].reshape(n_kv_heads, hd)  # (Hkv, hd)
+            rope(q, cos, sin, pos[b])
+            rope(k, cos, sin, pos[b])
+            ck = cache_k[slot[b], li]  # (max_seq, Hkv, hd)
+            cv = cache_v[slot[b], li]
+            store_kv(ck, cv, pos[b], k[0], v)
+            attention_decode(q[0], ck, cv, pos[b] + 1, att[b].reshape(n_heads, hd), nt)
         linear_blocks(att, _at(o, li), xq, xu, xd, xs, planes, proj, nt)
-        for i in range(D):
-            x[i] += proj[0, i]
+        for b in range(B):
+            for i in range(D):
+                x[b, i] += proj[b, i]
         # MLP block: x += Wdown · (silu(Wgate h) * Wup h), h = norm(x)
-        rms_norm(x2, mlp_norm[li], eps, h)
+        rms_norm(x, mlp_norm[li], eps, h)
         linear_blocks(h, _at(gate_up, li), xq, xu, xd, xs, planes, gu, nt)
-        swiglu(gu[0, :F], gu[0, F:2 * F], act[0])
+        for b in range(B):
+            swiglu(gu[b, :F], gu[b, F:2 * F], act[b])
         linear_blocks(act, _at(down, li), xq, xu, xd, xs, planes, proj, nt)
-        for i in range(D):
-            x[i] += proj[0, i]
-    rms_norm(x2, norm, eps, h)
-    linear_blocks(h, head, xq, xu, xd, xs, planes, logits.reshape(1, logits.shape[0]), nt)
+        for b in range(B):
+            for i in range(D):
+                x[b, i] += proj[b, i]
+    rms_norm(x, norm, eps, h)
+    linear_blocks(h, head, xq, xu, xd, xs, planes, logits, nt)

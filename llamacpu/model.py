@@ -5,8 +5,9 @@ References: Touvron et al. 2023 (LLaMA), Su et al. 2021 (RoPE), Ainslie et al. 2
 Shazeer 2020 (SwiGLU). RoPE rotates adjacent pairs (x[2i], x[2i+1]); see `checkpoint.py`.
 
 Two paths compute the same math:
-- decode (one new token, block-quantized weights): `kernels.decode_step` runs every layer and
-  the output head in one Numba call, so Python costs one dispatch per token;
+- decode (one new token per sequence, block-quantized weights): `kernels.decode_step` runs every
+  layer and the output head in one Numba call, so Python costs one dispatch per step, for one
+  sequence (`forward`) or for a batch whose caches share a pool (`forward_batch`);
 - everything else (prefill of T tokens, f32/f16 weights): the layer loop below, with the
   matrix products in `linear.py` (the integer GEMM for block weights, BLAS for dense ones)
   and norm/RoPE in kernels.
@@ -72,19 +73,35 @@ class KVCache:
 
     K/V heads are stored once (not repeated per query head). `pos` positions are filled.
     `dtype` is float32 or float16 (half the memory; attention still computes in f32).
+    `k`, `v` are slice `index` of a pool `k_all`, `v_all` (N, layers, max_seq, Hkv, hd): a pool
+    of one, or one of N caches made together by `pooled`, which the batched decode kernel
+    reaches through one array (see `Model.forward_batch`).
     """
 
-    def __init__(self, config: ModelConfig, max_seq: int, dtype=np.float32):
+    def __init__(self, config: ModelConfig, max_seq: int, dtype=np.float32, *, _pool=None):
         if max_seq <= 0:
             raise LlamacpuError("the KV cache needs at least one position")
         config.check_context(max_seq)  # sliding-window models run only within their window
         if np.dtype(dtype) not in [np.dtype(t) for t in KV_DTYPES]:
             raise LlamacpuError(f"KV cache dtype must be float32 or float16, got {np.dtype(dtype)}")
         shape = (config.num_hidden_layers, max_seq, config.num_key_value_heads, config.head_dim)
-        self.k = lazy_zeros(shape, dtype)
-        self.v = lazy_zeros(shape, dtype)
+        if _pool is None:
+            _pool = lazy_zeros((1, *shape), dtype), lazy_zeros((1, *shape), dtype), 0
+        self.k_all, self.v_all, self.index = _pool  # (N, layers, max_seq, Hkv, hd); this cache is [index]
+        self.k = self.k_all[self.index]  # (layers, max_seq, Hkv, hd)
+        self.v = self.v_all[self.index]
         self.max_seq = max_seq
         self.pos = 0
+
+    @classmethod
+    def pooled(cls, config: ModelConfig, n: int, max_seq: int, dtype=np.float32) -> list["KVCache"]:
+        """`n` caches whose K/V live in one pool (lazily resident, as a lone cache's do)."""
+        if n < 1:
+            raise LlamacpuError("a pool needs at least one cache")
+        first = cls(config, max_seq, dtype)  # checks the arguments before the pool is mapped
+        shape = (n, *first.k.shape)
+        k_all, v_all = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+        return [cls(config, max_seq, dtype, _pool=(k_all, v_all, i)) for i in range(n)]
 
     def truncate(self, n: int) -> None:
         """Forget every position from `n` on (kept positions stay valid)."""
@@ -97,6 +114,12 @@ class KVCache:
         if self.k.dtype == np.float16:
             return self.k.view(np.uint16), self.v.view(np.uint16)
         return self.k, self.v
+
+    def pool_views(self) -> tuple[np.ndarray, np.ndarray]:
+        """k_all, v_all (N, layers, max_seq, Hkv, hd) as the kernels take them (see `kernel_views`)."""
+        if self.k_all.dtype == np.float16:
+            return self.k_all.view(np.uint16), self.v_all.view(np.uint16)
+        return self.k_all, self.v_all
 
 
 @dataclass
@@ -234,6 +257,10 @@ class Model:
     def new_cache(self, max_seq: int | None = None, dtype=np.float32) -> KVCache:
         return KVCache(self.config, max_seq or self.config.context_length, dtype)
 
+    def new_caches(self, n: int, max_seq: int | None = None, dtype=np.float32) -> list[KVCache]:
+        """`n` caches in one pool, which `forward_batch` decodes together in one kernel call."""
+        return KVCache.pooled(self.config, n, max_seq or self.config.context_length, dtype)
+
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (T,) → (T, D) f32, dequantizing only the rows used."""
         e = self.embed
@@ -266,8 +293,8 @@ class Model:
         """
         tokens = self._check(tokens, cache)
         if len(tokens) == 1 and self.decode_weights is not None and observe is None:
-            logits = self._decode(tokens, cache)
-            return logits[None] if all_logits else logits
+            logits = self._decode(tokens, [cache])  # (1, V)
+            return logits if all_logits else logits[0]
         logits = self._prefill(tokens, [(cache, 0, len(tokens))], all_logits, observe)
         return logits if all_logits else logits[0]
 
@@ -275,10 +302,11 @@ class Model:
         """One new token for each of B sequences, each at its own cache's position: tokens (B,)
         and B distinct caches → logits (B, V); each token's K/V is appended to its cache.
 
-        The B rows go through the layers together, so every matrix product is one `Linear` call
-        on (B, D) rows and reads each weight once per step for all the sequences; only
-        attention runs per sequence, over its own cache. This is a server's batched decode;
-        a lone sequence decodes faster through `forward`'s fused kernel.
+        The B rows go through the layers together, so every matrix product is one GEMM of B rows
+        and reads each weight once per step for all the sequences; only attention runs per
+        sequence, over its own cache. Caches from one `new_caches` pool (a server's slots) run
+        in one call of the fused decode kernel, `forward`'s for a lone token; others (or dense
+        weights) take the layer loop. Either way a row does not depend on its batch mates.
         """
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if len(tokens) != len(caches) or len({id(cache) for cache in caches}) != len(caches):
@@ -286,22 +314,29 @@ class Model:
                                 f"{len(tokens)} tokens, {len(caches)} caches")
         for token, cache in zip(tokens, caches):
             self._check([token], cache)
+        if (self.decode_weights is not None and observe is None and all(cache.k_all is caches[0].k_all for cache in caches)
+                and len({cache.index for cache in caches}) == len(caches)):
+            return self._decode(tokens, caches)
         spans = [(cache, b, b + 1) for b, cache in enumerate(caches)]
         return self._prefill(tokens, spans, False, observe)
 
-    def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
-        """One token through the fused kernel → logits (V,)."""
+    def _decode(self, tokens: np.ndarray, caches: list[KVCache]) -> np.ndarray:
+        """tokens (B,), each the next of its cache's sequence, through the fused kernel → logits
+        (B, V). The caches are distinct, checked, and share one pool."""
         c, w = self.config, self.decode_weights
-        x = self.embed_tokens(tokens)[0]  # (D,)
-        logits = np.empty(w.head.padded_rows, dtype=np.float32)  # (V rounded up to 16,)
-        k, v = cache.kernel_views()
+        x = self.embed_tokens(tokens)  # (B, D)
+        logits = np.empty((len(tokens), w.head.padded_rows), dtype=np.float32)  # (B, V rounded up to 16)
+        pos = np.array([cache.pos for cache in caches], dtype=np.int64)  # (B,)
+        slot = np.array([cache.index for cache in caches], dtype=np.int64)  # (B,) indices into the pool
+        k, v = caches[0].pool_views()  # (N, L, max_seq, Hkv, hd)
         kernels.decode_step(
-            x, cache.pos, w.attn_norm, w.mlp_norm, self.norm,
+            x, pos, slot, w.attn_norm, w.mlp_norm, self.norm,
             w.qkv.kernel_args, w.wo.kernel_args, w.gate_up.kernel_args, w.w_down.kernel_args,
             w.head.kernel_args, k, v, self.cos, self.sin, c.num_attention_heads, c.num_key_value_heads,
             float(c.rms_norm_eps), ACT_PLANES[self.act_bits], self.threads, logits)
-        cache.pos += 1
-        return logits[:c.vocab_size]
+        for cache in caches:
+            cache.pos += 1
+        return logits[:, :c.vocab_size]
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """RMSNorm of x (T, D) by weight (D,)."""

@@ -25,6 +25,7 @@ from .chat import common_prefix
 from .errors import LlamacpuError
 from .generate import GenerationStats, Sequence, TextStream
 from .sampling import make_sampler
+from .threads import thread_limit
 
 PARALLEL = 4  # slots: jobs decoded together; more wait in the queue
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # stop reason -> OpenAI finish_reason
@@ -64,7 +65,8 @@ class Scheduler:
         if parallel < 1:
             raise LlamacpuError(f"parallel must be at least 1, got {parallel}")
         self.llm, self.model, self.tokenizer = llm, llm.runtime.model, llm.tokenizer
-        self.slots = [Slot(self.model, llm.ctx) for _ in range(parallel)]
+        # One pool of caches, so that any set of active jobs decodes in one fused kernel call.
+        self.slots = [Slot(cache) for cache in self.model.new_caches(parallel, llm.ctx)]
         self.free = list(self.slots)
         self.active: list[_Active] = []
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -85,10 +87,14 @@ class Scheduler:
         self.jobs.put(job)
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._admit(wait=not self.active)
-            if self.active:
-                self._step()
+        # This thread runs every forward, so it sets the pools to the model's thread count, once
+        # (Numba's count is per Python thread: the caller's limit does not reach this one, and
+        # parallel regions of a bigger team than the kernels' chunks wait on idle threads).
+        with thread_limit(self.model.threads):
+            while not self._stopping.is_set():
+                self._admit(wait=not self.active)
+                if self.active:
+                    self._step()
         for a in list(self.active):
             a.job.cancelled.set()
             self._finish(a, "cancelled")

@@ -1,6 +1,8 @@
 """The Python API (`llamacpu.load`) on the real SmolLM2 model."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,6 +58,38 @@ def test_seeded_sampling_is_reproducible_and_settings_are_checked(m):
         m.chat(QUESTION, tempreature=0)
     with pytest.raises(LlamacpuError, match="context holds 512"):
         m.generate(list(range(600)))
+
+
+def test_run_json_is_the_api_at_temperature_0(m, smollm2_path):
+    """`llamacpu run --json` goes through `LLM`: the same prompt gives the same ids and counts."""
+    r = subprocess.run([sys.executable, "-m", "llamacpu.cli", "run", str(smollm2_path), QUESTION[0]["content"],
+                        "--json", "--temp", "0", "-n", "16"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout)
+    result = Completion()
+    text = "".join(m.chat(QUESTION, temperature=0, max_tokens=16, result=result, reuse=False))
+    assert (run["text"], run["token_ids"]) == (text, result.token_ids)
+    assert (run["prompt_tokens"], run["completion_tokens"]) == (result.stats.prompt_tokens, len(result.token_ids))
+    assert m.encode_prompt(QUESTION[0]["content"]) == m.encode_chat(QUESTION)
+
+
+def test_a_session_remembers_reuses_its_cache_and_saves(m, tmp_path):
+    s = m.session(temperature=0, max_tokens=24, system="Answer briefly.")
+    "".join(s.say("My name is Ada."))
+    first_prompt = s.last.prompt_tokens
+    answer = "".join(s.say("What is my name?"))
+    assert s.last.prompt_tokens == len(m.encode_chat(s.messages[:4]))  # the whole conversation so far
+    # the second turn prefilled only its own tokens: the first turn came from the cache
+    assert s.last.reused_tokens >= first_prompt and s.last.prefilled_tokens < 20
+    assert [x["role"] for x in s.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert s.messages[-1]["content"] == answer and s.stats()["turns"] == 2
+    s.save(tmp_path / "t.json")
+    s.reset()
+    assert [x["role"] for x in s.messages] == ["system"]
+    s.load(tmp_path / "t.json")
+    assert s.messages[-1]["content"] == answer
+    with pytest.raises(LlamacpuError, match="max_tokens"):
+        m.session(max_tokens=0)
 
 
 def test_logprobs_match_transformers(smollm2_path, data_dir):

@@ -2,17 +2,20 @@
 
 The tokenizer and template are SmolLM2's own (read from the real GGUF's metadata); the model is
 a fake whose "cache" records the ids at each position, so the tests can check that what the
-session believes is cached is exactly what the model was fed.
+session believes is cached is exactly what the model was fed. Sessions run on `api.LLM` over
+that fake, as `llamacpu chat` does over the real model.
 """
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from llamacpu.chat import ChatSession, Notice, common_prefix, encode_messages, encode_prompt, parse_command
+from llamacpu.api import LLM
+from llamacpu.chat import Notice, common_prefix, encode_messages, encode_prompt, parse_command
 from llamacpu.errors import LlamacpuError
-from llamacpu.sampling import make_sampler
+from llamacpu.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,13 @@ class IdCache:
     def truncate(self, n):
         assert 0 <= n <= self.pos
         self.pos, self.ids = n, self.ids[:n]
+
+
+def llm_over(model, text_side, ctx: int) -> LLM:
+    """An LLM over a fake model: no checkpoint, so no recommended settings (llamacpu's defaults)."""
+    tok, template = text_side
+    model.config = SimpleNamespace(context_length=1 << 20)
+    return LLM(Runtime(model, tok, template, SimpleNamespace(sampling={}, sampling_source=None), 0.0), ctx=ctx)
 
 
 class ScriptedChatModel:
@@ -67,8 +77,7 @@ class ScriptedChatModel:
 def session_for(text_side, answers, *, max_seq=2048, max_tokens=64, system=None, **kw):
     tok, template = text_side
     model = ScriptedChatModel(tok, [tok.encode(a, add_bos=False) for a in answers], **kw)
-    s = ChatSession(model, tok, template, sampler=make_sampler(0.0), rng=np.random.default_rng(0),
-                    max_seq=max_seq, max_tokens=max_tokens, system=system)
+    s = llm_over(model, text_side, max_seq).session(temperature=0, seed=0, max_tokens=max_tokens, system=system)
     return s, model
 
 
@@ -226,8 +235,8 @@ def test_repeat_penalty_does_not_depend_on_what_the_cache_held(text_side):
             return logits
 
     def session():
-        return ChatSession(Constant(), tok, template, sampler=make_sampler(0.0), rng=np.random.default_rng(0),
-                           max_seq=512, max_tokens=1, system="Be brief.", repeat_penalty=1.5)
+        return llm_over(Constant(), text_side, 512).session(temperature=0, seed=0, max_tokens=1,
+                                                            system="Be brief.", repeat_penalty=1.5)
 
     first = session()
     assert "".join(p for p in first.say("Name the capital of France: Paris?") if isinstance(p, str)) == " Rome"

@@ -271,6 +271,7 @@ def test_same_seed_same_text_and_another_seed_differs(tiny):
     batch = llamacpu("run", tiny, "--jsonl", input="".join(json.dumps(r) + "\n" for r in requests))
     a, b, c = (json.loads(line) for line in batch.stdout.splitlines())
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
+    assert a["prompt_tokens"] == b["prompt_tokens"]  # each row is prefilled whole, whatever came before
     assert a["token_ids"] != c["token_ids"]
     # and in another process, through the flags
     single = llamacpu("run", tiny, "Tell me a story.", "--temperature", "1.0", "--top-k", "0", "--top-p", "1",

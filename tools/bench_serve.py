@@ -6,6 +6,10 @@ completions at once (different counting prompts, so the model never stops early,
 `--repeat`. Prints one JSON line per N and the ratio to one stream.
 
     python tools/bench_serve.py --model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+On a shared machine, compare within one run and prefer `--threads 1`: with 2 threads every
+parallel region waits for a core that another process holds (see `llamacpu/threads.py`), which
+swamps what batching changes. `--act-bits 8` runs the server with 8-bit activations.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--act-bits", type=int, default=None, help="the server's --act-bits (16 or 8)")
     args = ap.parse_args()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    extra = ["--threads", str(args.threads)] if args.threads else []
+    extra = (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--act-bits", str(args.act_bits)] if args.act_bits else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "llamacpu.cli", "serve", args.model, "--port", str(port), *extra],
                             env=env, stderr=subprocess.DEVNULL)
