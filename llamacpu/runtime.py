@@ -25,7 +25,7 @@ class Runtime:
 
 
 def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None = None,
-               threads: int | None = None, act_bits: int = 16) -> Runtime:
+               threads: int | None = None, act_bits: int | None = None) -> Runtime:
     """Open a GGUF file or HF folder.
 
     dequantize: every weight as f32 (the reference path).
@@ -34,7 +34,7 @@ def open_model(path: str | Path, *, dequantize: bool = False, quant: str | None 
         except that HF folders are quantized to q8_0. 4-bit scales are searched with the
         weights-only importance (no self-calibration at load; `convert` does that).
     threads: kernel threads (None: all available cores).
-    act_bits: activation bits of the integer kernels, 16 or 8 (see `Model`).
+    act_bits: activation bits of the integer kernels, 16 or 8; None: by weight format (see `Model`).
     """
     t0 = time.perf_counter()
     ckpt = load_checkpoint(path, dequantize=dequantize)

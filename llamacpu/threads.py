@@ -1,14 +1,15 @@
 """How many threads the compute uses: set once around a piece of work, restored afterwards.
 
-Two pools do the work: Numba's (the kernels' parallel regions) and the BLAS's (numpy matmul in
-prefill and attention). `thread_limit(n)` sets both for a `with` block. The model never changes
+Two pools do the work: Numba's (the kernels' parallel regions) and the BLAS's (numpy matmul, for
+f32/f16 weights only). `thread_limit(n)` sets both for a `with` block; `start_pools` starts
+Numba's workers once, waiting passively between regions (see OMP_WAIT_POLICY below). The model never changes
 them itself: a forward pass reads process state, it does not set it. The CLI enters one limit
 per command; library code wraps a session of forwards (a generation, a bench, a perplexity run)
 in `with thread_limit(model.threads):`. Outside any limit both pools use every core, which is
 also `Model`'s default thread count.
 
 On a shared machine more threads can be much slower: a parallel region waits for its slowest
-thread. Measured on the AMD EPYC Zen 5 (2 cores) with ~13 other runnable processes, decoding
+thread. Measured (before start_pools, with spinning workers) on the AMD EPYC Zen 5 (2 cores) with ~13 other runnable processes, decoding
 the TinyLlama-1.1B shape (Q4_0) ran at 0.8 tok/s with 2 threads and 5.9 with 1 (with one more
 busy loop: 0.3 and 2.9). `AdaptiveThreads` (opt-in: the CLI's --adaptive-threads) wraps a
 model and times its decode steps to pick `threads` or 1, between forward passes.
@@ -31,6 +32,33 @@ def default_threads() -> int:
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
     return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+# How Numba's OpenMP workers wait between parallel regions. libgomp's default spins (~300k
+# rounds) before sleeping; on a shared machine a spinning worker spends its share of the core
+# and then waits behind the other processes when the next region needs it. Measured on the AMD
+# EPYC Zen 5 (2 cores) with ~9 other runnable processes (niced), SmolLM2 Q4_0, 2 threads:
+# spinning 160-290 tok/s prefill and 4-20 tok/s decode; passive 630-840 and 97-165.
+OMP_WAIT_POLICY = "PASSIVE"
+
+
+def start_pools() -> None:
+    """Start Numba's worker threads now (once per process; later calls do nothing), OpenMP's
+    workers waiting passively (OMP_WAIT_POLICY) unless the environment already chooses how
+    (OMP_WAIT_POLICY or GOMP_SPINCOUNT). The variable is set only while the pool starts, so
+    that child processes (a llama.cpp peer in a benchmark) do not inherit it. A no-op when the
+    pool is already running or Numba uses another threading layer."""
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if not chosen:
+        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY  # libgomp reads it as it loads
+    try:
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()  # what the first parallel kernel would do
+    except (ImportError, AttributeError):  # another numba: its pool starts with the first kernel
+        pass
+    finally:
+        if not chosen:
+            del os.environ["OMP_WAIT_POLICY"]
 
 
 @contextmanager

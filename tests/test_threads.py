@@ -1,9 +1,15 @@
-"""Thread policy: ThreadChooser's choice, and AdaptiveThreads applying it between forward passes."""
+"""Thread policy: ThreadChooser's choice, AdaptiveThreads applying it between forward passes, and
+start_pools starting the workers without leaving its setting in the environment."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
+import pytest
 
 from llamacpu.threads import AdaptiveThreads, ThreadChooser, thread_limit
 
@@ -56,3 +62,32 @@ def test_adaptive_threads_sets_the_pool_around_decode_steps_only():
         assert numba.get_num_threads() == n  # restored after every step
     expected_decode = [n, n, 1, 1] if n > 1 else [1, 1, 1, 1]  # ThreadChooser: warm-up + timing of each
     assert inner.seen == [(3, n)] + [(1, t) for t in expected_decode]
+
+
+_POOLS = """
+import os, subprocess, sys
+from llamacpu.threads import start_pools
+start_pools()
+start_pools()  # again: nothing more happens
+import numba
+from llamacpu import kernels
+import numpy as np
+out = np.empty((2, 3), np.float32)
+kernels.swiglu_rows(np.ones((2, 6), np.float32), out, 2)  # a parallel kernel runs on the pool
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                       capture_output=True, text=True).stdout.strip()
+print(os.environ.get("OMP_WAIT_POLICY"), child, numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_start_pools_leaves_the_environment_as_it_was(preset):
+    """start_pools sets OMP_WAIT_POLICY only while Numba's pool starts: neither this process's
+    environment afterwards nor a child's holds it; a value the user set is left alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", _POOLS], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mine, child, _layer = out.stdout.split()
+    assert mine == child == str(preset)

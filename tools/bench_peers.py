@@ -67,12 +67,12 @@ def _summary(prefill: list[float], decode: list[float]) -> dict:
 def work_llamacpu(path: Path, args) -> dict:
     from llamacpu.bench import run_bench
     from llamacpu.runtime import open_model
-    rt = open_model(path, threads=args.threads)
+    rt = open_model(path, threads=args.threads, act_bits=args.act_bits)
     r = run_bench(rt, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats)
     c = rt.config
     kv_mb = 2 * c.num_hidden_layers * (args.prompt_tokens + args.gen_tokens) * c.kv_dim * 4 / 2**20  # f32 K and V
     return {**_summary(list(r.prefill_runs), list(r.decode_runs)), "load": r.load_seconds,
-            "first": r.first_token_seconds, "rss_mb": r.peak_rss_mb, "kv_mb": kv_mb}
+            "first": r.first_token_seconds, "rss_mb": r.peak_rss_mb, "kv_mb": kv_mb, "act_bits": r.act_bits}
 
 
 def work_llama_cpp(path: Path, args) -> dict:
@@ -131,6 +131,8 @@ WORKERS = {"llamacpu": work_llamacpu, "llama.cpp": work_llama_cpp, "transformers
 def run_worker(engine: str, path: Path, prompt: int, gen: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--file", str(path), "--prompt-tokens", str(prompt),
            "--gen-tokens", str(gen), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.act_bits is not None:
+        cmd += ["--act-bits", str(args.act_bits)]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
         sys.exit(f"{engine} on {path.name} failed (exit {p.returncode})")
@@ -148,10 +150,10 @@ def cpu_line() -> str:
 
 def blas_line() -> str:
     core = os.environ.get("OPENBLAS_CORETYPE")
-    return ("numpy's BLAS (llamacpu's prefill matmuls) runs OpenBLAS's "
+    return ("numpy's BLAS runs OpenBLAS's "
             + (f"OPENBLAS_CORETYPE={core} kernels (set in the environment)" if core else
                "auto-detected kernels (OPENBLAS_CORETYPE is not set)")
-            + "; its speed depends on that variable")
+            + "; llamacpu uses it only for float (f32/f16) weights, not for these block-quantized files")
 
 
 def main() -> None:
@@ -165,6 +167,8 @@ def main() -> None:
     ap.add_argument("--formats", default="", help="comma list of formats to run (default: every one of a size)")
     ap.add_argument("--transformers", action="store_true", help="also run transformers fp32 (135m only; slow)")
     ap.add_argument("--json", type=Path, help="also write every row to this JSON file")
+    ap.add_argument("--act-bits", type=int, choices=(8, 16),
+                    help="llamacpu's activation width (default: its choice per weight format)")
     # worker mode (internal): one engine on one file
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -208,7 +212,7 @@ def main() -> None:
     print(describe() + "; " + llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip())
     print(blas_line())
     print(f"{args.threads} threads, best of {args.repeats} runs after a warm-up (± sample sd of the runs); "
-          f"ratios are llamacpu / llama.cpp on the same file")
+          f"ratios are llamacpu / llama.cpp on the same file; aN: llamacpu's N-bit activations")
     head = (f"{'size':<5}{'format':<8}{'engine':<13}{'prompt':>7}{'prefill t/s':>17}{'decode t/s':>16}"
             f"{'pre ratio':>10}{'dec ratio':>10}{'peak RSS MB':>12}{'file MB':>9}{'load s':>8}")
     print(head)
@@ -220,7 +224,8 @@ def main() -> None:
         has_prefill = r["prompt"] >= 64
         pre = f"{r['prefill']:.1f} ±{r['prefill_sd']:.1f}" if has_prefill else "-"
         dec = f"{r['decode']:.1f} ±{r['decode_sd']:.1f}"
-        print(f"{r['size']:<5}{r['fmt']:<8}{r['engine']:<13}{r['prompt']:>7}{pre:>17}{dec:>16}"
+        engine = r["engine"] + (f" a{r['act_bits']}" if "act_bits" in r else "")
+        print(f"{r['size']:<5}{r['fmt']:<8}{engine:<13}{r['prompt']:>7}{pre:>17}{dec:>16}"
               f"{ratio('prefill') if has_prefill else '':>10}{ratio('decode'):>10}"
               f"{r['rss_mb']:>12.0f}{r['file_mb']:>9.0f}{r['load']:>8.2f}")
     for r in rows:
