@@ -321,13 +321,13 @@ def load(model: str | Path | None = None, *, quant: str | None = None, threads: 
 
 
 def open_runtime(model: str | Path | None = None, *, quant: str | None = None, threads: int | None = None,
-                 dequantize: bool = False, act_bits: int = 16, adaptive_threads: bool = False,
+                 dequantize: bool = False, act_bits: int | None = None, adaptive_threads: bool = False,
                  notify: Callable[[str], None] | None = None) -> Runtime:
     """`load`'s model, opened but not wrapped in an `LLM` (for perplexity and bench). Anything that
     goes wrong while opening is a LlamacpuError naming the file. dequantize: every weight as f32."""
     if threads is not None and threads < 1:
         raise LlamacpuError(f"threads must be at least 1, got {threads}")
-    if act_bits not in (8, 16):
+    if act_bits is not None and act_bits not in (8, 16):
         raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
     path = resolve_model(model, notify=notify)
     try:

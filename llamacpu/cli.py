@@ -1177,7 +1177,7 @@ def serve(
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,
-    act_bits: ActBits = 16,
+    act_bits: ActBits = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request on stderr.")] = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
