@@ -18,6 +18,7 @@ model and times its decode steps to pick `threads` or 1, between forward passes.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -51,12 +52,18 @@ def start_pools() -> None:
     chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
     if not chosen:
         os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY  # libgomp reads it as it loads
+    # The workers inherit a block of Ctrl-C/SIGTERM/SIGHUP, so those always reach the main
+    # thread (see cli._start_worker_threads).
+    blocked = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
     try:
         from numba.np.ufunc import parallel
         parallel._launch_threads()  # what the first parallel kernel would do
     except (ImportError, AttributeError):  # another numba: its pool starts with the first kernel
         pass
     finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if not chosen:
             del os.environ["OMP_WAIT_POLICY"]
 

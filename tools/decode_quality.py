@@ -14,7 +14,8 @@ greedy ids is reported (those ids include near-ties: margins down to 0.02).
 Engines: `f32 decode` is the reference path decoding token by token (a sanity row: ~0 error);
 `llamacpu q8 act` / `q16 act` are the fast path on the GGUF's block weights (integer GEMM for
 the prompt, fused decode step) with activations quantized to 8-bit blocks (as ggml) or to
-15-bit ones held as two int8 planes (`act_bits=16`, the default); `llama.cpp` is
+15-bit ones held as two int8 planes (`act_bits=16`; the default is per weight format,
+`llamacpu.model.ACT_BITS_BY_FORMAT`, from tools/act_width_quality.py); `llama.cpp` is
 llama-cpp-python on the same file (its own default f16 KV cache).
 
 Measured on an AMD EPYC Zen 5 (2026-12-02), 5 prompts x 32 tokens, all rows:
