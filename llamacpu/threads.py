@@ -40,16 +40,21 @@ def default_threads() -> int:
 # and then waits behind the other processes when the next region needs it. Measured on the AMD
 # EPYC Zen 5 (2 cores) with ~9 other runnable processes (niced), SmolLM2 Q4_0, 2 threads:
 # spinning 160-290 tok/s prefill and 4-20 tok/s decode; passive 630-840 and 97-165.
-OMP_WAIT_POLICY = "PASSIVE"
+# But on a quiet machine, passive workers halve decode at 135M (2 threads, `bench` on Q8_0:
+# OpenMP's default/ACTIVE 142 tok/s, PASSIVE 71; prefill the same), since each of ~90 short
+# regions per token waits for its workers to wake. Quiet machines are the common case, and a
+# busy one has `--adaptive-threads`; so OpenMP's default stays, and OMP_WAIT_POLICY=PASSIVE
+# is the user's choice. None: leave the wait policy to OpenMP.
+OMP_WAIT_POLICY: str | None = None
 
 
 def start_pools() -> None:
     """Start Numba's worker threads now (once per process; later calls do nothing), OpenMP's
-    workers waiting passively (OMP_WAIT_POLICY) unless the environment already chooses how
-    (OMP_WAIT_POLICY or GOMP_SPINCOUNT). The variable is set only while the pool starts, so
+    workers waiting as OMP_WAIT_POLICY says (when set) unless the environment already chooses
+    how (OMP_WAIT_POLICY or GOMP_SPINCOUNT). The variable is set only while the pool starts, so
     that child processes (a llama.cpp peer in a benchmark) do not inherit it. A no-op when the
     pool is already running or Numba uses another threading layer."""
-    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ or OMP_WAIT_POLICY is None
     if not chosen:
         os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY  # libgomp reads it as it loads
     # The workers inherit a block of Ctrl-C/SIGTERM/SIGHUP, so those always reach the main
