@@ -113,3 +113,21 @@ def test_observer_sees_every_linear_input():
     looped = q8.forward([3], q8.new_cache(4), observe=lambda *a: calls.append(a[:2]))
     assert len(calls) == 4 * c.num_hidden_layers
     np.testing.assert_allclose(looped, fused, atol=1e-3, rtol=0)
+
+
+def test_a_long_prompt_runs_in_parts_that_equal_one_pass(rt):
+    """`forward` runs a prompt PREFILL_ROWS at a time; the parts must stitch into what one pass
+    over every row gives (the layer loop `_prefill` with a single span), cache included."""
+    from llamacpu.model import PREFILL_ROWS
+    m = rt.model
+    T = 2 * PREFILL_ROWS + 37
+    ids = np.random.default_rng(3).integers(0, m.config.vocab_size, T)
+    parts, whole = m.new_cache(T + 1), m.new_cache(T + 1)
+    got = m.forward(ids, parts, all_logits=True)  # (T, V), in three parts
+    want = m._prefill(ids, [(whole, 0, T)], True)  # (T, V), one pass
+    assert got.shape == want.shape == (T, m.config.vocab_size)
+    assert parts.pos == whole.pos == T
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(parts.k[:, :T], whole.k[:, :T], rtol=0, atol=1e-5)
+    last = m.new_cache(T + 1)
+    np.testing.assert_array_equal(m.forward(ids, last), got[-1])  # the last row alone, same parts
