@@ -882,6 +882,12 @@ def gemm_blocks(w, d, m, s, bits, xq, xu, xd, xs, planes, y, nt):
 # worker waits for a core), which is what a 576 x 576 matrix-vector product takes on one thread.
 PARALLEL_MIN_MACS = 1 << 20
 
+# Decode attention reads the cache, which is cold (one layer's K and V at 512 positions of the 135M
+# model are 885 KB of f32, evicted by the weights streamed in between), so it is memory-bound and
+# worth a second thread much sooner than a hot matrix-vector product of the same size: from about
+# 60 positions at SmolLM2's shape (2 * 576 * S multiply-adds).
+ATTN_PARALLEL_MIN_MACS = 1 << 16
+
 
 @njit(cache=ISA_CACHE)
 def linear_blocks(x, wt, xq, xu, xd, xs, planes, y, nt):
@@ -1244,7 +1250,7 @@ def decode_step(x, pos, slot, attn_norm, mlp_norm, norm, qkv, o, gate_up, down, 
             ck = cache_k[slot[b], li]  # (max_seq, Hkv, hd)
             cv = cache_v[slot[b], li]
             store_kv(ck, cv, pos[b], k[0], v)
-            if nt > 1 and 2 * qd * (pos[b] + 1) >= PARALLEL_MIN_MACS:
+            if nt > 1 and 2 * qd * (pos[b] + 1) >= ATTN_PARALLEL_MIN_MACS:
                 attention_decode(q[0], ck, cv, pos[b] + 1, att[b].reshape(n_heads, hd), nt)
             else:
                 attention_decode_serial(q[0], ck, cv, pos[b] + 1, att[b].reshape(n_heads, hd))

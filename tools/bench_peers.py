@@ -1,6 +1,6 @@
 """Benchmark llamacpu against llama.cpp (llama-cpp-python) at the sizes people run.
 
-    python tools/bench_peers.py [--sizes 135m,1b,7b] [--repeats 3] [--threads 2] [--transformers]
+    python tools/bench_peers.py [--sizes 135m,1b,7b] [--repeats 3] [--rounds 1] [--threads 2] [--transformers]
 
 Sizes (files from tools/make_bench_models.py, made on first use under .cache/models/bench/,
 every one quantized by llama.cpp's own quantizer, so both engines run the very same bytes):
@@ -13,7 +13,8 @@ every one quantized by llama.cpp's own quantizer, so both engines run the very s
 Each engine runs each file in its own subprocess (so that its peak RSS is its own), with the
 same thread count, prompt (seeded random ids) and greedy decode: one untimed warm-up, then
 --repeats timed runs; the best run counts (a shared machine's noise only slows runs down),
-and the spread (sample sd) is printed beside it. llama.cpp is timed around its `eval` calls.
+and the spread (sample sd) is printed beside it. --rounds K runs each engine K times, alternating,
+and pools the runs, so that a slow spell of a shared machine is less likely to hit one engine only. llama.cpp is timed around its `eval` calls.
 The 1b and 7b rows also check llamacpu's peak RSS against file + KV cache + 300 MB.
 --formats limits the run to some formats (e.g. --sizes 1b --formats Q4_K_M).
 transformers fp32 (135m only, --transformers) is a third, slow reference.
@@ -54,7 +55,7 @@ def peak_rss_mb() -> float:
 
 def _summary(prefill: list[float], decode: list[float]) -> dict:
     """tok/s runs → best, mean and sample sd of each."""
-    out = {}
+    out = {"prefill_runs": prefill, "decode_runs": decode}
     for kind, runs in (("prefill", prefill), ("decode", decode)):
         out[kind] = max(runs)
         out[f"{kind}_mean"] = statistics.fmean(runs)
@@ -128,6 +129,16 @@ def work_transformers(path: Path, args) -> dict:
 WORKERS = {"llamacpu": work_llamacpu, "llama.cpp": work_llama_cpp, "transformers": work_transformers}
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One engine's rounds on one file → one row: the runs pooled (best, mean, sd over all of them),
+    the highest peak RSS and the fastest load."""
+    out = {**rounds[0], **_summary([p for r in rounds for p in r["prefill_runs"]],
+                                   [d for r in rounds for d in r["decode_runs"]])}
+    out["rss_mb"] = max(r["rss_mb"] for r in rounds)
+    out["load"] = min(r["load"] for r in rounds)
+    return out
+
+
 def run_worker(engine: str, path: Path, prompt: int, gen: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--file", str(path), "--prompt-tokens", str(prompt),
            "--gen-tokens", str(gen), "--repeats", str(args.repeats), "--threads", str(args.threads)]
@@ -163,6 +174,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="135m,1b,7b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the engines this many times each, alternating, and pool the runs: on a noisy "
+                         "machine, a slow spell then hits both engines rather than one")
     ap.add_argument("--skip", default="", help="comma list of engines to skip: llamacpu,llama.cpp")
     ap.add_argument("--formats", default="", help="comma list of formats to run (default: every one of a size)")
     ap.add_argument("--transformers", action="store_true", help="also run transformers fp32 (135m only; slow)")
@@ -195,8 +209,12 @@ def main() -> None:
         files = ensure(size, model=args.model)
         wanted = set(filter(None, args.formats.split(",")))
         for fmt in [f for f in formats if not wanted or f in wanted]:
+            rounds = {e: [] for e in engines}
+            for _ in range(args.rounds):
+                for engine in engines:
+                    rounds[engine].append(run_worker(engine, files[fmt], prompt, gen, args))
             for engine in engines:
-                r = run_worker(engine, files[fmt], prompt, gen, args)
+                r = merge_rounds(rounds[engine])
                 r.update(size=size, fmt=fmt, engine=engine, prompt=prompt, gen=gen,
                          file_mb=files[fmt].stat().st_size / 2**20)
                 rows.append(r)
@@ -211,7 +229,9 @@ def main() -> None:
     print(cpu_line())
     print(describe() + "; " + llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip())
     print(blas_line())
-    print(f"{args.threads} threads, best of {args.repeats} runs after a warm-up (± sample sd of the runs); "
+    runs = f"{args.repeats} runs" if args.rounds == 1 else \
+        f"{args.rounds} alternating rounds of {args.repeats} runs"
+    print(f"{args.threads} threads, best of {runs} after a warm-up each (± sample sd of the runs); "
           f"ratios are llamacpu / llama.cpp on the same file; aN: llamacpu's N-bit activations")
     head = (f"{'size':<5}{'format':<8}{'engine':<13}{'prompt':>7}{'prefill t/s':>17}{'decode t/s':>16}"
             f"{'pre ratio':>10}{'dec ratio':>10}{'peak RSS MB':>12}{'file MB':>9}{'load s':>8}")
