@@ -27,6 +27,7 @@ import numpy as np
 from .chat import ChatSession, common_prefix, encode_messages, encode_prompt
 from .errors import LlamacpuError, reason
 from .generate import CTX, Completion, Sequence, complete
+from .perplexity import log_softmax
 from .runtime import Runtime, open_model
 from .registry import resolve_model, sampling_layers
 from .sampling import DEFAULTS, check_presence_frequency, check_repeat_penalty, make_sampler, pick_settings
@@ -75,13 +76,6 @@ class TokenLogprob:
     text: str
     logprob: float | None
     top: list[tuple[int, float]] = field(default_factory=list)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(..., V) logits → log-probabilities, computed in f64."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def top_logprobs(logp: np.ndarray, n: int) -> list[tuple[int, float]]:

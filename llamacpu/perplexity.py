@@ -42,10 +42,33 @@ class PerplexityResult:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(T, V) logits → (T, V) float64 log-probabilities, stable against large logits."""
+    """(..., V) logits → (..., V) float64 log-probabilities, stable against large logits."""
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def kl_per_position(ref_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """(T, V) log-probabilities of the reference and of ours → (T,) KL(p_ref || p) in nats:
+    Σ_v p_ref (log p_ref - log p) at each position."""
+    return (np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(p_ref || p) in nats, from (T, V) logits (softmaxed in float64)."""
+    return float(kl_per_position(log_softmax(ref_logits), log_softmax(logits)).mean())
+
+
+def top1_agrees(ref: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """(T, V) logits or log-probabilities → (T,) bool: the two argmaxes are the same token."""
+    return ref.argmax(-1) == ours.argmax(-1)
+
+
+def compare_logits(ref: np.ndarray, ours: np.ndarray) -> dict:
+    """(T, V) logits against the reference's: max |logit error|, mean KL(ref || ours) per
+    position (nats) and the fraction of positions whose top-1 token agrees."""
+    return {"max_err": float(np.abs(ref - ours).max()), "kl": kl_divergence(ref, ours),
+            "top1": float(top1_agrees(ref, ours).mean())}
 
 
 def chunk_ids(runtime, text: str, ctx: int) -> np.ndarray:
@@ -92,9 +115,8 @@ def perplexity(runtime, text: str, *, ctx: int = 512, chunks: int | None = None,
         if reference is not None:
             ref = _chunk_logprobs(reference, chunk)
             ref_nll_sum -= float(ref[np.arange(ctx - 1), targets].sum())
-            # KL(ref || model) = Σ p_ref (log p_ref - log p_model), per position.
-            kl_sum += float((np.exp(ref) * (ref - logp)).sum())
-            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            kl_sum += float(kl_per_position(ref, logp).sum())
+            agree += int(top1_agrees(ref, logp).sum())
         scored += ctx - 1
         if progress is not None:
             progress(c + 1, n_chunks)

@@ -20,10 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from .api import LLM, PromptScorer, Sampling, Slot, TokenLogprob, log_softmax, token_text, top_logprobs
+from .api import LLM, PromptScorer, Sampling, Slot, TokenLogprob, token_text, top_logprobs
 from .chat import common_prefix
 from .errors import LlamacpuError
 from .generate import GenerationStats, Sequence, TextStream
+from .perplexity import log_softmax
 from .sampling import make_sampler
 from .threads import thread_limit
 

@@ -23,6 +23,7 @@ from llamacpu.errors import LlamacpuError
 from llamacpu import linear
 from llamacpu.linear import Linear, PackedBlocks, pack, pack_stack
 from llamacpu.model import Model
+from llamacpu.perplexity import kl_per_position, log_softmax
 from llamacpu.quant import BLOCK_FORMATS, QTensor, quantize
 
 from tiny import random_tensors, tiny_config
@@ -470,11 +471,6 @@ def smollm2_models(smollm2_path):
     return ref_model, lambda act_bits: Model(ckpt.config, ckpt.tensors, threads=2, act_bits=act_bits)
 
 
-def _log_softmax(z):
-    z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 # Bounds per activation width, from tools/decode_quality.py (5 prompts x 32 tokens, teacher
 # forced): 8-bit (ggml's choice) max logit error 0.9-1.7, KL 1e-3-3e-3 per token, top-1 96%;
 # 16 (15-bit planes) max error 0.004-0.02, KL < 1e-5, top-1 100%. Logits span ~30.
@@ -505,7 +501,7 @@ def test_smollm2_fast_path_close_to_f32_reference(smollm2_models, act_bits):
     top2 = np.sort(r, axis=-1)[:, -2:]
     near_tie = top2[:, 1] - top2[:, 0] < tol["near_tie"]
     assert ((steps.argmax(-1) == r.argmax(-1)) | near_tie).all()
-    kl = (np.exp(_log_softmax(r)) * (_log_softmax(r) - _log_softmax(steps))).sum(axis=-1)  # KL(ref || fast)
+    kl = kl_per_position(log_softmax(r), log_softmax(steps))  # KL(ref || fast)
     assert kl.max() < tol["kl"], kl
 
 

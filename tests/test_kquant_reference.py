@@ -24,26 +24,13 @@ import pytest
 
 from llamacpu.checkpoint import load_checkpoint
 from llamacpu.model import Model
+from llamacpu.perplexity import kl_divergence, top1_agrees
 
 from test_kernels import ref_forward
 
 DATA = Path(__file__).parent / "data" / "kquant"
 REF = json.loads((DATA / "REFERENCE.json").read_text())
 FILES = sorted(REF["files"])
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row of logits, in f64."""
-    def logsoftmax(z):
-        z = z.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    lp, lq = logsoftmax(p_logits), logsoftmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
-
-
-def _top1(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
 def load_reference() -> dict[str, np.ndarray]:
@@ -74,12 +61,12 @@ def test_kquant_file_runs_natively_and_matches_llama_cpp(name, reference):
     prefill = model.forward(tokens, model.new_cache(64), all_logits=True)  # (T, V)
     cache = model.new_cache(64)
     decode = np.stack([model.forward([t], cache) for t in tokens])  # (T, V), one token at a time
-    kl_exact = _kl(theirs, exact).mean()
+    kl_exact = kl_divergence(theirs, exact)
     assert kl_exact < 4e-3  # llama.cpp's own activation rounding (measured <= 2e-3)
     for ours in (prefill, decode):
-        assert _kl(exact, ours).mean() < 1e-6 and _top1(exact, ours) == 1.0
-        assert _kl(theirs, ours).mean() <= 1.2 * kl_exact + 1e-5
-        assert _top1(theirs, ours) >= _top1(theirs, exact) - 0.05
+        assert kl_divergence(exact, ours) < 1e-6 and top1_agrees(exact, ours).mean() == 1.0
+        assert kl_divergence(theirs, ours) <= 1.2 * kl_exact + 1e-5
+        assert top1_agrees(theirs, ours).mean() >= top1_agrees(theirs, exact).mean() - 0.05
 
 
 def test_info_counts_tensors_per_type():

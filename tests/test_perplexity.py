@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llamacpu.errors import LlamacpuError
-from llamacpu.perplexity import log_softmax, perplexity
+from llamacpu.perplexity import compare_logits, kl_divergence, log_softmax, perplexity, top1_agrees
 from llamacpu.runtime import open_model
 from test_convert import TEXT, tiny_hf
 
@@ -74,6 +74,35 @@ def test_log_softmax_is_stable():
     np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0)
     np.testing.assert_allclose(lp[0, :2], np.log(0.5))
     np.testing.assert_allclose(lp[1, :2], np.log([0.25, 0.75]))
+
+
+def test_kl_divergence_of_known_distributions():
+    # Identical rows (shifted by a constant, which softmax ignores): 0. Two points:
+    # p = (1/2, 1/2), q = (1/4, 3/4): KL(p || q) = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3).
+    z = np.array([[0.5, -2.0, 3.0], [10.0, 10.0, 10.0]], dtype=np.float32)
+    assert kl_divergence(z, z + 7.0) == pytest.approx(0.0, abs=1e-12)
+    p, q = np.array([[0.0, 0.0]]), np.array([[0.0, np.log(3.0)]])
+    assert kl_divergence(p, q) == pytest.approx(0.5 * np.log(4 / 3), rel=1e-12)
+    # The mean over positions: a second row with KL 0 halves it.
+    assert kl_divergence(np.vstack([p, p]), np.vstack([q, p])) == pytest.approx(0.25 * np.log(4 / 3), rel=1e-12)
+
+
+def test_logit_comparisons_match_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((5, 50)).astype(np.float32) * 4
+    ours = ref + rng.standard_normal((5, 50)).astype(np.float32)
+    ref[2], ours[2] = -np.arange(50), np.arange(50)  # one position disagrees for sure (argmax 0 vs 49)
+    want = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(ours).double(), -1),
+                                      torch.log_softmax(torch.from_numpy(ref).double(), -1),
+                                      reduction="none", log_target=True).sum(-1)  # KL(ref || ours) per row
+    assert kl_divergence(ref, ours) == pytest.approx(float(want.mean()), rel=1e-10)
+    agree = torch.from_numpy(ref).argmax(-1) == torch.from_numpy(ours).argmax(-1)
+    np.testing.assert_array_equal(top1_agrees(ref, ours), agree.numpy())
+    assert not agree[2]
+    d = compare_logits(ref, ours)
+    assert d == {"max_err": pytest.approx(float(np.abs(ref - ours).max())), "kl": kl_divergence(ref, ours),
+                 "top1": pytest.approx(float(agree.double().mean()))}
 
 
 def test_real_model_q8_0_against_f32(smollm2_path):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from llamacpu.perplexity import _chunk_logprobs, chunk_ids  # noqa: E402
+from llamacpu.perplexity import _chunk_logprobs, chunk_ids, kl_per_position, top1_agrees  # noqa: E402
 from llamacpu.runtime import open_model  # noqa: E402
 from llamacpu.threads import thread_limit  # noqa: E402
 
@@ -55,8 +55,8 @@ def main() -> None:
                 for c, r in zip(chunks, refs):
                     lp = _chunk_logprobs(rt, c)
                     nll -= float(lp[np.arange(len(c) - 1), c[1:]].sum())
-                    kl += float((np.exp(r) * (r - lp)).sum())
-                    agree += int((r.argmax(-1) == lp.argmax(-1)).sum())
+                    kl += float(kl_per_position(r, lp).sum())
+                    agree += int(top1_agrees(r, lp).sum())
                 label = "f32" if mode == "f32" else f"act {mode}"
                 print(f"{name:<6}{label:>8}{np.exp(nll / n):>10.3f}{kl / n:>10.5f}{agree / n:>8.4f}", flush=True)
 

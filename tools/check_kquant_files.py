@@ -29,15 +29,6 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "fifty years, presses had spread to more than two hundred cities across Europe.")
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    def logsoftmax(z):
-        z = z.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    lp, lq = logsoftmax(p), logsoftmax(q)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
@@ -48,6 +39,7 @@ def main() -> None:
     import llama_cpp
     from llamacpu.checkpoint import load_checkpoint
     from llamacpu.model import Model
+    from llamacpu.perplexity import kl_per_position, log_softmax, top1_agrees
     for path in args.files:
         ckpt = load_checkpoint(path)
         types = Counter(t.fmt for t in ckpt.tensors.values())
@@ -69,8 +61,8 @@ def main() -> None:
         print(f"{path.name}: {dict(sorted(types.items()))}; transcoded: {len(ckpt.transcoded)}; "
               f"fused decode kernel: {model.decode_weights is not None}; {n} tokens")
         for label, ours in (("prefill", prefill), ("decode", decode)):
-            kl = _kl(theirs, ours)
-            top1 = (theirs.argmax(-1) == ours.argmax(-1)).mean()
+            kl = kl_per_position(log_softmax(theirs), log_softmax(ours))
+            top1 = top1_agrees(theirs, ours).mean()
             print(f"  {label:<8} KL(llama.cpp || llamacpu) mean {kl.mean():.2e} max {kl.max():.2e}, "
                   f"top-1 agreement {top1:.3f}")
         del llm

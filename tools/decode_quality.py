@@ -47,23 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 from llamacpu.checkpoint import load_checkpoint  # noqa: E402
 from llamacpu.model import Model  # noqa: E402
+from llamacpu.perplexity import compare_logits  # noqa: E402
 
 REFERENCE = ROOT / "tests" / "data" / "smollm2_reference.npz"
 MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def compare(ref: np.ndarray, got: np.ndarray) -> dict:
-    """ref, got (N, V) logits → max abs error, mean KL(ref || got), top-1 agreement."""
-    lr, lg = log_softmax(ref), log_softmax(got)
-    kl = (np.exp(lr) * (lr - lg)).sum(axis=-1)
-    return {"max_err": float(np.abs(ref - got).max()), "kl": float(kl.mean()),
-            "top1": float((ref.argmax(-1) == got.argmax(-1)).mean())}
 
 
 def prefix_match(got: list[int], expected: list[int]) -> int:
@@ -149,7 +136,7 @@ def main() -> None:
     for name, engine in engines.items():
         rows = []
         for i, (p, e) in enumerate(zip(prompts, expected)):
-            r = compare(exact[i], engine.forced(p, e))
+            r = compare_logits(exact[i], engine.forced(p, e))
             r["prefix"] = prefix_match(engine.greedy(p, len(e)), e)
             rows.append(r)
             print(f"{name:<17} {i:>6} {r['max_err']:>9.3f} {r['kl']:>9.5f} {r['top1']:>6.3f} "
