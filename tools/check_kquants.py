@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,26 +36,12 @@ from llamacpu.convert import convert_model  # noqa: E402
 from llamacpu.fetch import SMOLLM2, fetch  # noqa: E402
 from llamacpu.perplexity import perplexity  # noqa: E402
 from llamacpu.runtime import open_model  # noqa: E402
+from llama_cpp_quantize import llama_cpp_quantize  # noqa: E402  (tools/ is on the path when run as a script)
 
 PROSE = ROOT / "tests" / "data" / "prose" / "botchan.txt"
 MIXTURES = ROOT / "tests" / "data" / "kquant_mixtures.json"
 BENCH_1B = ROOT / ".cache" / "models" / "bench" / "tinyllama-1.1b-shape.Q4_0.gguf"
-FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-          "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
-
-
-def llama_quantize(src: Path, out: Path, quant: str, *, requantize: bool = False) -> float:
-    """llama.cpp's quantizer, default settings (no imatrix), 2 threads; returns the seconds taken."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[quant])
-    params.nthread = 2
-    params.allow_requantize = requantize
-    t0 = time.perf_counter()
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
-        raise SystemExit(f"llama_model_quantize {quant} failed")
-    return time.perf_counter() - t0
+QUANTS = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")  # llama.cpp's names, lower case
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -94,15 +79,15 @@ def check_quality(args) -> int:
         convert_model(args.model, f32, "f32")
     ref = open_model(f32, dequantize=True)
     files = {}
-    for quant in ("q4_k_m", "q5_k_m", "q6_k", "q4_0"):
+    for quant in QUANTS:
         ours = work / f"smollm2.{quant}.llamacpu{'' if args.calibrate else '.nocalib'}.gguf"
         r = convert_model(f32, ours, quant, calibrate=args.calibrate)
         print(f"llamacpu  {quant:7s} {r.seconds:6.1f} s  {r.bytes_written:>11,d} B  importance {r.importance}  "
               f"{r.formats}", flush=True)
         theirs = work / f"smollm2.{quant}.llama-cpp.gguf"
-        s = llama_quantize(f32, theirs, quant) if args.redo or not theirs.exists() else 0.0
+        s = llama_cpp_quantize(f32, theirs, quant) if args.redo or not theirs.exists() else 0.0
         print(f"llama.cpp {quant:7s} {s:6.1f} s  {theirs.stat().st_size:>11,d} B", flush=True)
-        if quant in FTYPES and quant != "q4_0":
+        if quant != "q4_0":
             a, b = tensor_types(ours), tensor_types(theirs)
             diff = {n: (a[n][0], b[n][0]) for n in a if a[n][0] != b.get(n, ("?",))[0]}
             print(f"          tensor types differing from llama.cpp's: {diff or 'none'}", flush=True)
@@ -143,7 +128,7 @@ def write_mixtures(args) -> int:
         entry = {"types": {}}
         for quant in ("q4_k_m", "q5_k_m", "q6_k"):
             out = work / f"{name}.{quant}.mixture.gguf"
-            llama_quantize(src, out, quant, requantize=requantize)
+            llama_cpp_quantize(src, out, quant, requantize=requantize)
             types = tensor_types(out)
             entry["shapes"] = {n: s for n, (_, s) in types.items()}
             entry["types"][quant] = {n: t for n, (t, _) in types.items()}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from llamacpu.convert import convert_model  # noqa: E402
 from llamacpu.fetch import SMOLLM2, fetch  # noqa: E402
 from llamacpu.perplexity import perplexity  # noqa: E402
 from llamacpu.runtime import open_model  # noqa: E402
+from llama_cpp_quantize import llama_cpp_quantize  # noqa: E402  (tools/ is on the path when run as a script)
 
 PROMPT = "Explain in three sentences why the sky is blue."
 PROSE = ROOT / "tests" / "data" / "prose" / "botchan.txt"
@@ -131,7 +131,7 @@ def check_tokens(args) -> int:
 
 
 def check_quality(args) -> int:
-    import llama_cpp
+    import llama_cpp  # noqa: F401  (fail before converting when the bench extra is missing)
 
     text = PROSE.read_text(encoding="utf-8")
     files = {}
@@ -144,15 +144,8 @@ def check_quality(args) -> int:
         print(f"convert {name}: {r.seconds:.1f} s, {r.bytes_written / 1e6:.1f} MB{how}", flush=True)
         files[name] = path
     theirs = args.workdir / "smollm2.q4_0.llama-cpp.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.nthread = 1
-    t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(files["f32 (llamacpu)"]).encode(), str(theirs).encode(), params)
-    if rc != 0:
-        print(f"llama_model_quantize failed ({rc})")
-        return 1
-    print(f"llama.cpp quantize q4_0: {time.perf_counter() - t0:.1f} s", flush=True)
+    seconds = llama_cpp_quantize(files["f32 (llamacpu)"], theirs, "Q4_0", threads=1)
+    print(f"llama.cpp quantize q4_0: {seconds:.1f} s", flush=True)
     files["q4_0 (llama.cpp)"] = theirs
     rows = ["f32 (llamacpu)", "q8_0 (llamacpu)", "q4_0 (llamacpu)", "q4_0 (no calib)", "q4_0 (llama.cpp)",
             "q4_1 (llamacpu)"]

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_cpp_quantize import llama_cpp_quantize  # tools/ is on the path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BENCH_DIR = ROOT / ".cache" / "models" / "bench"
@@ -169,22 +171,10 @@ def write_random_source(s: Shape, out: Path, spm_path: Path, seed: int = 0) -> N
 PURE = ("Q8_0", "Q4_0")  # formats made "pure"; the K-quant mixtures keep llama.cpp's per-tensor choices
 
 
-def llama_cpp_quantize(src: Path, out: Path, fmt: str, threads: int = 2) -> None:
+def quantize(src: Path, out: Path, fmt: str) -> None:
     """llama.cpp's quantizer to `fmt` (pure for PURE formats, else llama.cpp's mixture), from
     F16/F32 or (requantizing) Q8_0/Q4_1."""
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
-    params.pure = fmt in PURE
-    params.allow_requantize = True
-    params.nthread = threads
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
-            sys.exit(f"llama.cpp could not quantize {src} to {fmt}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    llama_cpp_quantize(src, out, fmt, pure=fmt in PURE, requantize=True)
 
 
 def ensure(size: str, *, model: Path = SMOLLM2, spm_path: Path = SPM, keep_source: bool = False,
@@ -197,7 +187,7 @@ def ensure(size: str, *, model: Path = SMOLLM2, spm_path: Path = SPM, keep_sourc
         for fmt, path in paths.items():
             if not path.exists():
                 log(f"quantizing {model.name} to {fmt} with llama.cpp → {path.name}")
-                llama_cpp_quantize(model, path, fmt)
+                quantize(model, path, fmt)
         return paths
     s = SHAPES[size]
     paths = {fmt: bench_path(s.name, fmt) for fmt in s.formats}
@@ -214,7 +204,7 @@ def ensure(size: str, *, model: Path = SMOLLM2, spm_path: Path = SPM, keep_sourc
         if fmt != s.source:
             t0 = time.perf_counter()
             log(f"quantizing to {fmt} with llama.cpp → {paths[fmt].name}")
-            llama_cpp_quantize(source, paths[fmt], fmt)
+            quantize(source, paths[fmt], fmt)
             log(f"  {paths[fmt].stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
     if s.source not in s.formats and not keep_source:
         source.unlink()

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_cpp_quantize import llama_cpp_quantize  # tools/ is on the path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -86,20 +88,6 @@ def write_source(path: Path, hidden: int, ffn: int, heads: int, kv_heads: int, s
     w.close()
 
 
-def quantize(src: Path, out: Path, ftype: str) -> None:
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = 2
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
-            sys.exit(f"llama.cpp could not quantize {src} to {ftype}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     """llama.cpp's logits (T, V) at every position of `tokens`, evaluated as one batch, with an
     f32 KV cache (its default f16 cache would add its own rounding; the activations' 8-bit
@@ -133,7 +121,7 @@ def main() -> None:
             write_source(src, hidden, ffn, heads, kv, seed)
             for ftype in ftypes:
                 out = args.out / f"{name}.{ftype}.gguf"
-                quantize(src, out, ftype)
+                llama_cpp_quantize(src, out, ftype)
                 arrays[f"{name}.{ftype}"] = llama_cpp_logits(out, tokens)
                 files[out.name] = {"types": tensor_types(out), "bytes": out.stat().st_size,
                                    "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
