@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -28,9 +28,13 @@ from .chat import ChatSession, common_prefix, encode_messages, encode_prompt
 from .errors import LlamacpuError, reason
 from .generate import CTX, Completion, Sequence, complete
 from .perplexity import log_softmax
-from .runtime import Runtime, open_model
 from .registry import resolve_model, sampling_layers
 from .sampling import DEFAULTS, check_presence_frequency, check_repeat_penalty, make_sampler, pick_settings
+
+# The runtime (numba, the kernels) is imported in open_runtime, so that importing this module (and
+# the scheduler, whose PARALLEL the CLI's help shows) loads no numba: tests/test_cli.py checks it.
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,8 @@ def open_runtime(model: str | Path | None = None, *, quant: str | None = None, t
         raise LlamacpuError(f"threads must be at least 1, got {threads}")
     if act_bits is not None and act_bits not in (8, 16):
         raise LlamacpuError(f"act_bits must be 8 or 16, got {act_bits}")
+    from .runtime import open_model
+
     path = resolve_model(model, notify=notify)
     try:
         rt = open_model(path, quant=quant, threads=threads, dequantize=dequantize, act_bits=act_bits)

@@ -51,6 +51,7 @@ from .generate import CTX  # noqa: E402  (numpy only, loaded by .sampling anyway
 from .jobs import resolve_seed  # noqa: E402
 from .registry import DEFAULT as DEFAULT_MODEL, KNOWN as KNOWN_MODELS  # noqa: E402
 from .sampling import DEFAULTS as SAMPLING_DEFAULTS  # noqa: E402
+from .scheduler import PARALLEL  # noqa: E402  (no numba: the model loads in `_open`)
 
 if _QUIET_IMPORT:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1173,7 +1174,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", metavar="N", help="TCP port.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="LLAMACPU_API_KEY", metavar="KEY", help="Require this key as 'Authorization: Bearer KEY'.", show_default=False)] = None,
-    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="Requests decoded together (each has its own KV cache); more wait.")] = 4,
+    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="Requests decoded together (each has its own KV cache); more wait.")] = PARALLEL,
     ctx: Ctx = CTX,
     quant: Quant = None,
     threads: Threads = None,

@@ -26,7 +26,6 @@ from .errors import LlamacpuError
 from .generate import GenerationStats, Sequence, TextStream
 from .perplexity import log_softmax
 from .sampling import make_sampler
-from .threads import thread_limit
 
 PARALLEL = 4  # slots: jobs decoded together; more wait in the queue
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # stop reason -> OpenAI finish_reason
@@ -91,6 +90,8 @@ class Scheduler:
         # This thread runs every forward, so it sets the pools to the model's thread count, once
         # (Numba's count is per Python thread: the caller's limit does not reach this one, and
         # parallel regions of a bigger team than the kernels' chunks wait on idle threads).
+        from .threads import thread_limit  # imports numba: here, so that the CLI can read PARALLEL without it
+
         with thread_limit(self.model.threads):
             while not self._stopping.is_set():
                 self._admit(wait=not self.active)

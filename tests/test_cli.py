@@ -147,6 +147,27 @@ def test_bad_settings_fail_before_loading_with_exit_2(args, message, capsys):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_serve_parallel_default_is_the_schedulers():
+    import typer
+
+    from llamacpu import scheduler
+    serve = typer.main.get_command(cli.app).commands["serve"]
+    assert next(p for p in serve.params if p.name == "parallel").default == scheduler.PARALLEL
+
+
+def test_help_loads_no_numba():
+    """Help (and the option defaults it shows, such as scheduler.PARALLEL) needs neither numba
+    nor the model: both load only when a command opens a model."""
+    code = ("import sys\n"
+            "from llamacpu.cli import main\n"
+            "assert main(['--help']) == 0 and main(['serve', '--help']) == 0\n"
+            "print(sorted(m for m in ('numba', 'llamacpu.model', 'llamacpu.kernels') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_usage_errors_are_one_line_with_exit_2(capsys):
     assert cli.main(["run", "--no-such-flag"]) == 2
     err = capsys.readouterr().err
