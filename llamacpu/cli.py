@@ -153,7 +153,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v",
                                        help="Notices and stats on stderr even when it is not a terminal.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No notices or stats on stderr, even on a terminal.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-ActBits = Annotated[Optional[int], typer.Option("--act-bits", metavar="N", help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster). Default: 8 for q4_0 weights, 16 for the others.")]
+ActBits = Annotated[Optional[int], typer.Option("--act-bits", metavar="N", help="Activation bits of the integer kernels: 16 (logits near f32) or 8 (as llama.cpp; faster). Default: by the format holding most weights, 8 for q4_0 and q4_k (as in Q4_K_M files), 16 for the others.")]
 AdaptiveThreadsOpt = Annotated[bool, typer.Option(
     "--adaptive-threads", help="Time decode steps and drop to 1 thread when that is faster (a busy machine).")]
 

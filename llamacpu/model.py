@@ -30,7 +30,7 @@ from .config import ModelConfig
 from .errors import LlamacpuError
 from .linear import (ACT_PLANES, Linear, PackedBlocks, PackedLayers, fusable, pack, pack_layers, pack_stack,
                      stackable)
-from .quant import BLOCK_FORMATS, QTensor, dequantize
+from .quant import QTensor, dequantize
 from .threads import default_threads, start_pools
 
 KV_DTYPES = (np.float32, np.float16)
@@ -42,15 +42,23 @@ ACT_BITS = tuple(ACT_PLANES)
 # The width used when the caller does not choose one (act_bits=None), per weight format: 8 where
 # the format's own rounding dwarfs that of 8-bit activations, 16 elsewhere. Measured on SmolLM2
 # (tools/act_width_quality.py: 4 x 512 tokens of prose, KL per token against the shipped Q4_1
-# weights in f32; the Q8_0/Q4_0 files are llama.cpp's requantizations of them):
-#     file   f32 path: KL   ppl     act 16: KL   ppl     act 8: KL   ppl
-#     Q4_1   0       36.400   0.00000 36.401   0.00311 36.539
-#     Q8_0   0.00124 36.491   0.00124 36.492   0.00439 36.709
-#     Q4_0   0.42257 50.662   0.42256 50.660   0.42752 51.067
-# On q4_0 8-bit activations add 1% to the weights' own error; on q8_0 they would triple it.
-# Formats not listed (and any mix with one) get 16. A prompt and its decode share the width:
-# the prompt's K/V carry the prefill's activation error into every later token.
-ACT_BITS_BY_FORMAT = {"q4_0": 8}
+# weights in f32; Q8_0 ... Q6_K are llama.cpp's requantizations of them, ours.* `llamacpu convert`'s):
+#     file          f32 path: KL   ppl     act 16: KL   ppl     act 8: KL   ppl
+#     Q4_1          0        36.400   0.00000 36.401   0.00311 36.539
+#     Q8_0          0.00124  36.491   0.00124 36.492   0.00439 36.709
+#     Q6_K          0.00565  36.866   0.00565 36.866   0.00874 36.910
+#     Q4_0          0.42257  50.662   0.42256 50.659   0.42752 51.067
+#     Q4_K_M        0.04895  38.673   0.04896 38.674   0.05265 38.677
+#     Q5_K_M        0.07918  40.580   0.07918 40.580   0.08297 40.650
+#     ours.Q4_K_M   0.02305  36.987   0.02306 36.988   0.02645 37.137
+#     ours.Q5_K_M   0.01308  36.678   0.01308 36.678   0.01648 36.859
+# 8-bit activations add about 0.0035 nats per token to any file: 1% of q4_0's own error, 7-15% of
+# q4_k's (perplexity +0.01% to +0.4%), 26% of a calibrated q5_k's, 55% of q6_k's and 250% of q8_0's.
+# So q4_0 and q4_k get 8, the rest 16. A file mixing formats (a K-quant mixture always does: Q4_K_M
+# puts q6_k in the head, some attn_v and ffn_down, and q5_0 where rows are not multiples of 256)
+# gets the width of the format that holds most of its matrix weights. A prompt and its decode share
+# the width: the prompt's K/V carry the prefill's activation error into every later token.
+ACT_BITS_BY_FORMAT = {"q4_0": 8, "q4_k": 8}
 # Prompt rows per pass through the layers. A pass's activations ((T, 2F) gate|up, their int8
 # planes, (T, H, hd) attention) then stay in L2 while each weight panel is read, and the
 # transient memory is bounded: at the 1.1B shape, 128 rows prefill 5-15% faster than 512 and
@@ -167,10 +175,14 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def default_act_bits(formats) -> int:
-    """The activation width for block matrices of these formats: the widest any of them asks
-    for in ACT_BITS_BY_FORMAT (16 for one not listed)."""
-    return max(ACT_BITS_BY_FORMAT.get(f, 16) for f in formats)
+def default_act_bits(weights: dict[str, int]) -> int:
+    """The activation width for matrices holding weights[fmt] weights of each format: the one
+    ACT_BITS_BY_FORMAT gives the format that holds the most (16 for a format not listed; 16 on
+    a tie, as for a model with no block-quantized matrix)."""
+    if not weights:
+        return 16
+    most = max(weights.values())
+    return max(ACT_BITS_BY_FORMAT.get(f, 16) for f, n in weights.items() if n == most)
 
 
 class Model:
@@ -208,8 +220,10 @@ class Model:
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
                    for i in range(c.num_hidden_layers)]
         matrices = [t[n] for t in layer_t for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
-        block_formats = {m.fmt for m in matrices + [output] if m.fmt in BLOCK_FORMATS}
-        self.act_bits = act_bits or (default_act_bits(block_formats) if block_formats else 16)
+        weights: dict[str, int] = {}  # matrix weights per format: what decides the default width
+        for m in matrices + [output]:
+            weights[m.fmt] = weights.get(m.fmt, 0) + int(np.prod(m.shape))
+        self.act_bits = act_bits or default_act_bits(weights)
         self.decode_weights: DecodeWeights | None = None
         if fusable([output]) and all(stackable([[t[n] for n in names] for t in layer_t]) for names in LINEAR_GROUPS.values()):
             self._build_packed(layer_t, output)

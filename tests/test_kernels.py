@@ -409,18 +409,28 @@ def test_dense_weights_fused_and_act_bits_kept():
 
 
 def test_act_bits_default_by_weight_format():
-    """act_bits=None picks by format (model.ACT_BITS_BY_FORMAT): 8 for q4_0, 16 for q8_0/q4_1,
-    16 for any mix that holds one of those and for float weights; an explicit width wins."""
-    from llamacpu.model import ACT_BITS_BY_FORMAT
-    assert ACT_BITS_BY_FORMAT == {"q4_0": 8}
+    """act_bits=None picks by format (model.ACT_BITS_BY_FORMAT): 8 for q4_0 and q4_k, 16 for
+    q8_0/q4_1/q6_k and float weights; a mix takes the width of the format holding the most
+    weights; an explicit width wins."""
+    from llamacpu.model import ACT_BITS_BY_FORMAT, default_act_bits
+    assert ACT_BITS_BY_FORMAT == {"q4_0": 8, "q4_k": 8}
     for fmt, bits in (("q4_0", 8), ("q8_0", 16), ("q4_1", 16), ("f32", 16)):
         c, tensors, _ = _tiny(fmt)
         model = Model(c, tensors, threads=1)
         assert model.act_bits == bits and model.layers[0].qkv.act_bits == bits
         assert Model(c, tensors, threads=1, act_bits=24 - bits).act_bits == 24 - bits
-    c, tensors, _ = _tiny("q4_0")
+    c, tensors, _ = _tiny("q4_0")  # one q8_0 matrix among q4_0 ones: q4_0 holds the most
     tensors["layers.0.w_down"] = quantize(tensors["layers.0.w_down"].dequantize(), "q8_0")
+    assert Model(c, tensors, threads=1).act_bits == 8
+    c, tensors, _ = _tiny("q8_0")  # and the other way round
+    tensors["layers.0.w_down"] = quantize(tensors["layers.0.w_down"].dequantize(), "q4_0")
     assert Model(c, tensors, threads=1).act_bits == 16
+    # a Q4_K_M-like mixture: q6_k head and some ffn_down, q5_0 fallbacks, most weights q4_k
+    assert default_act_bits({"q4_k": 900, "q6_k": 180, "q5_0": 20}) == 8
+    # SmolLM2's Q4_K_M: rows of 576 push most weights to the q5_0 fallback
+    assert default_act_bits({"q5_0": 600, "q4_k": 200, "q6_k": 100, "q8_0": 50}) == 16
+    assert default_act_bits({"q4_0": 100, "q8_0": 100}) == 16  # a tie: the wider
+    assert default_act_bits({}) == 16
 
 
 def test_mixed_formats_and_threads():

@@ -53,7 +53,7 @@ def test_kquant_file_runs_natively_and_matches_llama_cpp(name, reference):
     for t in ckpt.tensors.values():
         got[t.fmt] = got.get(t.fmt, 0) + 1
     assert got == want
-    model = Model(ckpt.config, ckpt.tensors, threads=2)
+    model = Model(ckpt.config, ckpt.tensors, threads=2, act_bits=16)  # 16: exact up to f32 rounding
     assert model.decode_weights is not None  # the fused decode kernel takes every matrix
     tokens = reference["tokens"]
     theirs = reference[name.removesuffix(".gguf")]  # (T, V) llama.cpp's logits
@@ -67,6 +67,10 @@ def test_kquant_file_runs_natively_and_matches_llama_cpp(name, reference):
         assert kl_divergence(exact, ours) < 1e-6 and top1_agrees(exact, ours).mean() == 1.0
         assert kl_divergence(theirs, ours) <= 1.2 * kl_exact + 1e-5
         assert top1_agrees(theirs, ours).mean() >= top1_agrees(theirs, exact).mean() - 0.05
+    # 8-bit activations (the default where q4_k weights hold the most): llama.cpp's kind of error
+    model8 = Model(ckpt.config, ckpt.tensors, threads=2, act_bits=8)
+    ours8 = model8.forward(tokens, model8.new_cache(64), all_logits=True)
+    assert kl_divergence(exact, ours8) < 4e-3 and top1_agrees(exact, ours8).mean() >= 0.8
 
 
 def test_info_counts_tensors_per_type():

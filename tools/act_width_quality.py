@@ -35,9 +35,14 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=FILE",
+                    help="also score this GGUF of the same model (e.g. one `llamacpu convert` wrote)")
     args = ap.parse_args()
     from make_bench_models import ensure
     files = {"Q4_1": args.model, **ensure("135m", model=args.model)}
+    for spec in args.also:
+        name, _, path = spec.partition("=")
+        files[name] = Path(path)
     text = PROSE.read_text(encoding="utf-8")
     with thread_limit(args.threads):
         ref = open_model(args.model, dequantize=True, threads=args.threads)
