@@ -567,7 +567,18 @@ def _ktile_codegen(isa, qbits, form, tb, planes):
                 row = builder.add(xrow0, builder.add(builder.mul(c(t), C), xcol))
                 p32 = builder.bitcast(builder.gep(xqp, [row]), _I32.as_pointer())
                 xwords.append([builder.load(builder.gep(p32, [c(k)]), align=1) for k in range(8)])
-                if form != K_MIN:
+                if form != K_MIN and isa == "avx512vnni":
+                    # X_h (32 X_h for K_CENTER) in every lane, as 4 products of its words with a
+                    # vector of 1s (32s): cheaper than a horizontal sum and a broadcast per half
+                    unit = ir.Constant(i32v, [0x20202020 if form == K_CENTER else 0x01010101] * V)
+                    sums = []
+                    for h2 in range(2):
+                        acc_x = zero_i
+                        for k in range(4 * h2, 4 * h2 + 4):
+                            acc_x = builder.call(dpbusd, [acc_x, unit, _splat(builder, xwords[t][k], V)])
+                        sums.append(acc_x)
+                    xsums.append(sums)
+                elif form != K_MIN:
                     sums = []
                     for h2 in range(2):
                         v = builder.load(builder.bitcast(builder.gep(xqp, [builder.add(row, c(16 * h2))]),
@@ -626,14 +637,15 @@ def _ktile_codegen(isa, qbits, form, tb, planes):
                         xs_neg = _splat(builder, builder.fneg(builder.load(builder.gep(xsp, [xi]))), V)
                         new = fma(dminm, xs_neg, new)
                     elif form == K_CENTER:
-                        x32 = [_splat(builder, builder.mul(xsums[t][h2], c(32, _I32)), V) for h2 in range(2)]
+                        x32 = (xsums[t] if isa == "avx512vnni" else
+                               [_splat(builder, builder.mul(xsums[t][h2], c(32, _I32)), V) for h2 in range(2)])
                         S = builder.add(builder.mul(builder.sub(parts[0], x32[0]), sc0),
                                         builder.mul(builder.sub(parts[1], x32[1]), sc1))
                         new = fma(builder.sitofp(S, f32v), builder.fmul(dv, xd), cur)
                     else:
                         S = builder.add(builder.mul(parts[0], sc0), builder.mul(parts[1], sc1))
-                        M = builder.add(builder.mul(_splat(builder, xsums[t][0], V), mn0),
-                                        builder.mul(_splat(builder, xsums[t][1], V), mn1))
+                        X = xsums[t] if isa == "avx512vnni" else [_splat(builder, v, V) for v in xsums[t]]
+                        M = builder.add(builder.mul(X[0], mn0), builder.mul(X[1], mn1))
                         new = fma(builder.sitofp(S, f32v), builder.fmul(dv, xd), cur)
                         new = fma(builder.sitofp(M, f32v), builder.fneg(builder.fmul(dmin, xd)), new)
                     builder.store(new, a_ref)
