@@ -246,7 +246,7 @@ class Terminal:
                 os._exit(127)
         self.seen = b""
 
-    def expect(self, pattern: bytes, timeout: float = 120) -> bytes:
+    def expect(self, pattern: bytes, timeout: float = 600) -> bytes:
         while pattern not in self.seen:
             ready, _, _ = select.select([self.fd], [], [], timeout)
             assert ready, f"no {pattern!r} in {self.seen[-300:]!r}"
