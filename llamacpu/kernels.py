@@ -298,10 +298,110 @@ def _tile_codegen(isa, bits, has_m, tb, planes):
     return codegen
 
 
+def _tile_codegen_avx2_q15(has_m, tb):
+    """IR of one AVX2 tile of 8-bit weights over 16-bit activations (planes 2, tb/2 tokens), as
+    `_tile_codegen` computes it.
+
+    The two-plane path costs AVX2 two sign-trick vpmaddubsw chains per token for 8-bit weights
+    (it has no signed 8-bit product). Here each token's 15-bit quants are rebuilt once per block as
+    int16 (q = 128 hi + lo: quantize_planes gives the hi row 128 times the lo row's scale), the
+    weights are sign-extended to int16, and vpmaddwd multiplies 16 pairs at a time: 8 rows x 4
+    quants in two vectors, whose adjacent int32 pairs are summed at the end of the block.
+    |q| <= 127 * 128 + 127 and |w| <= 127, so a block's sum stays under 2^27. y gets d e S
+    (+ m sum x), e the lo row's scale. Measured on Zen 3 (1 thread, 5632 x 2048 x 128): 28 GMAC/s,
+    the 8-bit activations' speed, against 13 for two planes. 4-bit weights keep two planes: their
+    nibbles are unsigned, vpmaddubsw's native case, and widening them costs what it saves."""
+    V, halves, ntok = 8, 2, tb // 2
+    gbytes = RG * BLOCK
+    f32v, i32v, halfv = _vec(ir.FloatType(), V), _vec(_I32, V), _vec(ir.HalfType(), V)
+    i8x32, i16x32 = _vec(ir.IntType(8), 32), _vec(ir.IntType(16), 32)
+
+    def codegen(context, builder, signature, args):
+        A = signature.args
+        w_a, d_a, m_a, s_a, xq_a, xu_a, xd_a, xs_a, y_a, g, t0, nb = args
+        g, t0, nb = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (g, t0, nb))
+        wp = _ptr(context, builder, A[0], w_a, ir.IntType(8))
+        dp = _ptr(context, builder, A[1], d_a, ir.IntType(16))
+        mp = _ptr(context, builder, A[2], m_a, ir.IntType(16))
+        xqp = _ptr(context, builder, A[4], xq_a, ir.IntType(8))
+        xdp = _ptr(context, builder, A[6], xd_a, ir.FloatType())
+        xsp = _ptr(context, builder, A[7], xs_a, ir.FloatType())
+        y_arr = context.make_array(A[8])(context, builder, y_a)
+        yp = builder.bitcast(y_arr.data, ir.FloatType().as_pointer())
+        ldy = cgutils.unpack_tuple(builder, y_arr.shape, 2)[1]
+        C = builder.mul(nb, ir.Constant(_I64, BLOCK))
+        c = lambda v, t=_I64: ir.Constant(t, v)  # noqa: E731
+        maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
+        fma_fn = _x86(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
+        zero_i = ir.Constant(i32v, [0] * V)
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(f32v, [0.0] * V)) for _ in range(ntok)]
+               for _ in range(halves)]
+        lanes = lambda idx: ir.Constant(_vec(_I32, len(idx)), list(idx))  # noqa: E731
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            blk = builder.add(builder.mul(g, nb), b)
+            wbase = builder.gep(wp, [builder.mul(blk, c(gbytes))])
+            sbase = builder.mul(blk, c(RG))
+            xcol = builder.mul(b, c(BLOCK))
+            q16 = []  # per token: its block's 32 quants, int16
+            for i in range(ntok):
+                hi_row = builder.add(builder.mul(builder.add(t0, c(2 * i)), C), xcol)
+                lo_row = builder.add(hi_row, C)
+                hi, lo = (builder.load(builder.bitcast(builder.gep(xqp, [r]), i8x32.as_pointer()), align=1)
+                          for r in (hi_row, lo_row))
+                q16.append(builder.add(builder.shl(builder.sext(hi, i16x32), ir.Constant(i16x32, [7] * 32)),
+                                       builder.sext(lo, i16x32)))
+            for h in range(halves):
+                parts = [[zero_i, zero_i] for _ in range(ntok)]  # rows 0-3, rows 4-7 of the half: int32 pairs
+                for kg in range(8):  # quants 4kg..4kg+3 of each of the half's 8 rows
+                    v = builder.load(builder.bitcast(builder.gep(wbase, [c(kg * 64 + h * 32)]), i8x32.as_pointer()),
+                                     align=1)
+                    w16 = builder.sext(v, i16x32)
+                    wlo = builder.shuffle_vector(w16, w16, lanes(range(16)))
+                    whi = builder.shuffle_vector(w16, w16, lanes(range(16, 32)))
+                    for i in range(ntok):
+                        xw = builder.shuffle_vector(q16[i], q16[i], lanes([4 * kg + j for j in range(4)] * 4))
+                        parts[i][0] = builder.add(parts[i][0], builder.call(maddwd, [wlo, xw]))
+                        parts[i][1] = builder.add(parts[i][1], builder.call(maddwd, [whi, xw]))
+                sb = builder.add(sbase, c(h * V))
+                dv = builder.fpext(builder.load(builder.bitcast(builder.gep(dp, [sb]), halfv.as_pointer()), align=2),
+                                   f32v)
+                mv = None
+                if has_m:
+                    mv = builder.fpext(builder.load(builder.bitcast(builder.gep(mp, [sb]), halfv.as_pointer()),
+                                                    align=2), f32v)
+                for i in range(ntok):
+                    pa, pb = parts[i]
+                    S = builder.add(builder.shuffle_vector(pa, pb, lanes(range(0, 16, 2))),
+                                    builder.shuffle_vector(pa, pb, lanes(range(1, 16, 2))))
+                    sf = builder.sitofp(S, f32v)
+                    xi_hi = builder.add(builder.mul(builder.add(t0, c(2 * i)), nb), b)
+                    xi_lo = builder.add(xi_hi, nb)
+                    e = _splat(builder, builder.load(builder.gep(xdp, [xi_lo])), V)
+                    new = builder.call(fma_fn, [sf, builder.fmul(dv, e), builder.load(acc[h][i])])
+                    if has_m:
+                        xsum = builder.fadd(builder.load(builder.gep(xsp, [xi_hi])),
+                                            builder.load(builder.gep(xsp, [xi_lo])))
+                        new = builder.call(fma_fn, [mv, _splat(builder, xsum, V), new])
+                    builder.store(new, acc[h][i])
+        for h in range(halves):
+            for i in range(ntok):
+                yrow = builder.add(builder.sdiv(t0, c(2)), c(i))
+                off = builder.add(builder.mul(yrow, ldy), builder.add(builder.mul(g, c(RG)), c(h * V)))
+                builder.store(builder.load(acc[h][i]), builder.bitcast(builder.gep(yp, [off]), f32v.as_pointer()),
+                              align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 def _make_tile(isa, bits, has_m, tb, planes):
+    gen = (_tile_codegen_avx2_q15(has_m, tb) if isa == "avx2" and planes == 2 and bits == 8
+           else _tile_codegen(isa, bits, has_m, tb, planes))
+
     @intrinsic
     def tile(typingctx, w, d, m, s, xq, xu, xd, xs, y, g, t0, nb):
-        return types.void(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb), _tile_codegen(isa, bits, has_m, tb, planes)
+        return types.void(w, d, m, s, xq, xu, xd, xs, y, g, t0, nb), gen
     return tile
 
 
@@ -310,7 +410,8 @@ def tile_portable(w, d, m, s, xq, xd, xs, y, g, t0, tb, planes, nb, bits):
     """The portable twin of the SIMD tiles: y[t0/planes + i, 16g + r] for i < tb/planes, r < 16.
 
     w (G, nb, 512 or 256) uint8, d, m (G, nb, 16 or 0) f16 bits, xq (T*planes, C) int8,
-    xd, xs (T*planes, nb) f32, y (T, >= 16G) f32."""
+    xd, xs (T*planes, nb) f32, y (T, >= 16G) f32. With 2 planes, a token's rows are quantize_planes'
+    hi and lo: the hi row's xd is 128 times the lo row's (AVX2's 8-bit tile relies on it)."""
     has_m = m.shape[2] > 0
     for i in range(tb // planes):
         for r in range(RG):
