@@ -24,6 +24,8 @@ Codegen notes, measured on this CPU:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
@@ -173,6 +175,45 @@ def _ptr(context, builder, ty, val, elem):
     return builder.bitcast(_data(context, builder, ty, val), elem.as_pointer())
 
 
+class _TileArgs(NamedTuple):
+    """A tile intrinsic's arguments as LLVM values: the indices as i64, C = nb * BLOCK, the
+    arrays' data pointers and y's row stride (in floats)."""
+    g: ir.Value
+    t0: ir.Value
+    nb: ir.Value
+    C: ir.Value
+    wp: ir.Value
+    dp: ir.Value
+    mp: ir.Value
+    sp: ir.Value
+    xqp: ir.Value
+    xup: ir.Value
+    xdp: ir.Value
+    xsp: ir.Value
+    yp: ir.Value
+    ldy: ir.Value
+
+    def store_y(self, builder, row, col, vec):
+        """y[row, col : col + len(vec)] = vec (f32 lanes)."""
+        off = builder.add(builder.mul(row, self.ldy), col)
+        builder.store(vec, builder.bitcast(builder.gep(self.yp, [off]), vec.type.as_pointer()), align=4)
+
+
+def _tile_args(context, builder, signature, args) -> _TileArgs:
+    """The arguments (w, d, m, s, xq, xu, xd, xs, y, g, t0, nb) every tile intrinsic takes."""
+    A = signature.args
+    w, d, m, s, xq, xu, xd, xs, y, g, t0, nb = args
+    g, t0, nb = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (g, t0, nb))
+    y_arr = context.make_array(A[8])(context, builder, y)
+    i8, i16, f32 = ir.IntType(8), ir.IntType(16), ir.FloatType()
+    return _TileArgs(g, t0, nb, builder.mul(nb, ir.Constant(_I64, BLOCK)),
+                     _ptr(context, builder, A[0], w, i8), _ptr(context, builder, A[1], d, i16),
+                     _ptr(context, builder, A[2], m, i16), _ptr(context, builder, A[3], s, i16),
+                     _ptr(context, builder, A[4], xq, i8), _ptr(context, builder, A[5], xu, i8),
+                     _ptr(context, builder, A[6], xd, f32), _ptr(context, builder, A[7], xs, f32),
+                     builder.bitcast(y_arr.data, f32.as_pointer()), cgutils.unpack_tuple(builder, y_arr.shape, 2)[1])
+
+
 def _tile_codegen(isa, bits, has_m, tb, planes):
     """IR of one tile: row group g (16 rows) x `tb` activation rows t0.. (tb/planes tokens),
     accumulated over all nb blocks, stored to y[t0/planes + i, 16g : 16g + 16]."""
@@ -184,23 +225,9 @@ def _tile_codegen(isa, bits, has_m, tb, planes):
     i16v, halfv = _vec(ir.IntType(16), V), _vec(ir.HalfType(), V)
 
     def codegen(context, builder, signature, args):
-        A = signature.args
-        w_a, d_a, m_a, s_a, xq_a, xu_a, xd_a, xs_a, y_a, g, t0, nb = args
-        g = builder.sext(g, _I64) if g.type.width < 64 else g
-        t0 = builder.sext(t0, _I64) if t0.type.width < 64 else t0
-        nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
-        wp = _ptr(context, builder, A[0], w_a, ir.IntType(8))
-        dp = _ptr(context, builder, A[1], d_a, ir.IntType(16))
-        mp = _ptr(context, builder, A[2], m_a, ir.IntType(16))
-        sp = _ptr(context, builder, A[3], s_a, ir.IntType(16))
-        xqp = _ptr(context, builder, A[4], xq_a, ir.IntType(8))
-        xup = _ptr(context, builder, A[5], xu_a, ir.IntType(8))
-        xdp = _ptr(context, builder, A[6], xd_a, ir.FloatType())
-        xsp = _ptr(context, builder, A[7], xs_a, ir.FloatType())
-        y_arr = context.make_array(A[8])(context, builder, y_a)
-        yp = builder.bitcast(y_arr.data, ir.FloatType().as_pointer())
-        ldy = cgutils.unpack_tuple(builder, y_arr.shape, 2)[1]
-        C = builder.mul(nb, ir.Constant(_I64, BLOCK))
+        a = _tile_args(context, builder, signature, args)
+        g, t0, nb, C = a.g, a.t0, a.nb, a.C
+        wp, dp, mp, sp, xqp, xup, xdp, xsp = a.wp, a.dp, a.mp, a.sp, a.xqp, a.xup, a.xdp, a.xsp
         c = lambda v, t=_I64: ir.Constant(t, v)  # noqa: E731
         if isa == "avx512vnni":
             dpbusd = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", i32v, [i32v, i32v, i32v])
@@ -290,9 +317,8 @@ def _tile_codegen(isa, bits, has_m, tb, planes):
                 total = builder.load(acc[h][i * planes])
                 for p in range(1, planes):
                     total = builder.fadd(total, builder.load(acc[h][i * planes + p]))
-                yrow = builder.add(builder.sdiv(t0, c(planes)), c(i))
-                off = builder.add(builder.mul(yrow, ldy), builder.add(builder.mul(g, c(RG)), c(h * V)))
-                builder.store(total, builder.bitcast(builder.gep(yp, [off]), f32v.as_pointer()), align=4)
+                a.store_y(builder, builder.add(builder.sdiv(t0, c(planes)), c(i)),
+                          builder.add(builder.mul(g, c(RG)), c(h * V)), total)
         return context.get_dummy_value()
 
     return codegen
@@ -317,19 +343,9 @@ def _tile_codegen_avx2_q15(has_m, tb):
     i8x32, i16x32 = _vec(ir.IntType(8), 32), _vec(ir.IntType(16), 32)
 
     def codegen(context, builder, signature, args):
-        A = signature.args
-        w_a, d_a, m_a, s_a, xq_a, xu_a, xd_a, xs_a, y_a, g, t0, nb = args
-        g, t0, nb = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (g, t0, nb))
-        wp = _ptr(context, builder, A[0], w_a, ir.IntType(8))
-        dp = _ptr(context, builder, A[1], d_a, ir.IntType(16))
-        mp = _ptr(context, builder, A[2], m_a, ir.IntType(16))
-        xqp = _ptr(context, builder, A[4], xq_a, ir.IntType(8))
-        xdp = _ptr(context, builder, A[6], xd_a, ir.FloatType())
-        xsp = _ptr(context, builder, A[7], xs_a, ir.FloatType())
-        y_arr = context.make_array(A[8])(context, builder, y_a)
-        yp = builder.bitcast(y_arr.data, ir.FloatType().as_pointer())
-        ldy = cgutils.unpack_tuple(builder, y_arr.shape, 2)[1]
-        C = builder.mul(nb, ir.Constant(_I64, BLOCK))
+        a = _tile_args(context, builder, signature, args)
+        g, t0, nb, C = a.g, a.t0, a.nb, a.C
+        wp, dp, mp, xqp, xdp, xsp = a.wp, a.dp, a.mp, a.xqp, a.xdp, a.xsp
         c = lambda v, t=_I64: ir.Constant(t, v)  # noqa: E731
         maddwd = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
         fma_fn = _x86(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
@@ -351,6 +367,14 @@ def _tile_codegen_avx2_q15(has_m, tb):
                           for r in (hi_row, lo_row))
                 q16.append(builder.add(builder.shl(builder.sext(hi, i16x32), ir.Constant(i16x32, [7] * 32)),
                                        builder.sext(lo, i16x32)))
+            e, xsum = [], []  # per token: the lo row's scale, and the sum of its block's x (for m)
+            for i in range(ntok):
+                xi_hi = builder.add(builder.mul(builder.add(t0, c(2 * i)), nb), b)
+                xi_lo = builder.add(xi_hi, nb)
+                e.append(_splat(builder, builder.load(builder.gep(xdp, [xi_lo])), V))
+                if has_m:
+                    xsum.append(_splat(builder, builder.fadd(builder.load(builder.gep(xsp, [xi_hi])),
+                                                             builder.load(builder.gep(xsp, [xi_lo]))), V))
             for h in range(halves):
                 parts = [[zero_i, zero_i] for _ in range(ntok)]  # rows 0-3, rows 4-7 of the half: int32 pairs
                 for kg in range(8):  # quants 4kg..4kg+3 of each of the half's 8 rows
@@ -374,22 +398,15 @@ def _tile_codegen_avx2_q15(has_m, tb):
                     pa, pb = parts[i]
                     S = builder.add(builder.shuffle_vector(pa, pb, lanes(range(0, 16, 2))),
                                     builder.shuffle_vector(pa, pb, lanes(range(1, 16, 2))))
-                    sf = builder.sitofp(S, f32v)
-                    xi_hi = builder.add(builder.mul(builder.add(t0, c(2 * i)), nb), b)
-                    xi_lo = builder.add(xi_hi, nb)
-                    e = _splat(builder, builder.load(builder.gep(xdp, [xi_lo])), V)
-                    new = builder.call(fma_fn, [sf, builder.fmul(dv, e), builder.load(acc[h][i])])
+                    new = builder.call(fma_fn, [builder.sitofp(S, f32v), builder.fmul(dv, e[i]),
+                                                builder.load(acc[h][i])])
                     if has_m:
-                        xsum = builder.fadd(builder.load(builder.gep(xsp, [xi_hi])),
-                                            builder.load(builder.gep(xsp, [xi_lo])))
-                        new = builder.call(fma_fn, [mv, _splat(builder, xsum, V), new])
+                        new = builder.call(fma_fn, [mv, xsum[i], new])
                     builder.store(new, acc[h][i])
         for h in range(halves):
             for i in range(ntok):
-                yrow = builder.add(builder.sdiv(t0, c(2)), c(i))
-                off = builder.add(builder.mul(yrow, ldy), builder.add(builder.mul(g, c(RG)), c(h * V)))
-                builder.store(builder.load(acc[h][i]), builder.bitcast(builder.gep(yp, [off]), f32v.as_pointer()),
-                              align=4)
+                a.store_y(builder, builder.add(builder.sdiv(t0, c(2)), c(i)),
+                          builder.add(builder.mul(g, c(RG)), c(h * V)), builder.load(acc[h][i]))
         return context.get_dummy_value()
 
     return codegen
@@ -604,22 +621,9 @@ def _ktile_codegen(isa, qbits, form, tb, planes):
     i8x16, i32x16 = _vec(ir.IntType(8), 16), _vec(_I32, 16)
 
     def codegen(context, builder, signature, args):
-        A = signature.args
-        w_a, d_a, m_a, s_a, xq_a, xu_a, xd_a, xs_a, y_a, g, t0, nb = args
-        g = builder.sext(g, _I64) if g.type.width < 64 else g
-        t0 = builder.sext(t0, _I64) if t0.type.width < 64 else t0
-        nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
-        wp = _ptr(context, builder, A[0], w_a, ir.IntType(8))
-        dp = _ptr(context, builder, A[1], d_a, ir.IntType(16))
-        mp = _ptr(context, builder, A[2], m_a, ir.IntType(16))
-        sp = _ptr(context, builder, A[3], s_a, ir.IntType(16))
-        xqp = _ptr(context, builder, A[4], xq_a, ir.IntType(8))
-        xdp = _ptr(context, builder, A[6], xd_a, ir.FloatType())
-        xsp = _ptr(context, builder, A[7], xs_a, ir.FloatType())
-        y_arr = context.make_array(A[8])(context, builder, y_a)
-        yp = builder.bitcast(y_arr.data, ir.FloatType().as_pointer())
-        ldy = cgutils.unpack_tuple(builder, y_arr.shape, 2)[1]
-        C = builder.mul(nb, ir.Constant(_I64, BLOCK))
+        a = _tile_args(context, builder, signature, args)
+        g, t0, nb, C = a.g, a.t0, a.nb, a.C
+        wp, dp, mp, sp, xqp, xdp, xsp = a.wp, a.dp, a.mp, a.sp, a.xqp, a.xdp, a.xsp
         nsb = builder.udiv(nb, ir.Constant(_I64, 8))
         c = lambda v, t=_I64: ir.Constant(t, v)  # noqa: E731
         if isa == "avx512vnni":
@@ -755,9 +759,8 @@ def _ktile_codegen(isa, qbits, form, tb, planes):
                 total = builder.load(acc[h][i * planes])
                 for p in range(1, planes):
                     total = builder.fadd(total, builder.load(acc[h][i * planes + p]))
-                yrow = builder.add(builder.sdiv(t0, c(planes)), c(i))
-                off = builder.add(builder.mul(yrow, ldy), builder.add(builder.mul(g, c(RG)), c(h * V)))
-                builder.store(total, builder.bitcast(builder.gep(yp, [off]), f32v.as_pointer()), align=4)
+                a.store_y(builder, builder.add(builder.sdiv(t0, c(planes)), c(i)),
+                          builder.add(builder.mul(g, c(RG)), c(h * V)), total)
         return context.get_dummy_value()
 
     return codegen
